@@ -1,0 +1,18 @@
+"""User-facing errors: one paragraph naming what is wrong and what would be right."""
+from __future__ import annotations
+
+
+class FlashMoeError(Exception):
+    """Base of every error flashmoe reports to a user (printed without a traceback)."""
+
+
+class ConfigError(FlashMoeError):
+    """A configuration value is out of range or unknown."""
+
+
+class CheckpointError(FlashMoeError):
+    """The checkpoint directory is missing, truncated, or not a supported MoE model."""
+
+
+class ExpertReadError(FlashMoeError):
+    """Reading expert bytes from disk failed after the allowed retries."""
