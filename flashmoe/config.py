@@ -1,0 +1,295 @@
+"""Typed configuration: dataclass schemas in Hydra's ConfigStore, validation, readable errors.
+
+The YAML files under flashmoe/conf extend these schemas through their defaults lists
+(`defaults: [base_io, _self_]`), so Hydra type-checks every value and rejects unknown keys.
+Sizes in `_gb` keys are GiB (2**30 bytes, as macOS and Linux report RAM); `_gbps` keys are
+decimal GB/s, as disks are specified.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
+from typing import Any, Dict, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, DictConfig, OmegaConf
+
+from flashmoe.errors import ConfigError
+
+CONF_MODULE = "flashmoe.conf"
+DEFAULT_PROMPT = "Explain in two sentences why a mixture-of-experts model can run from an SSD."
+BENCH_PROMPT = "Write a short story about a lighthouse keeper who collects maps of the sea."
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    memory_gb: float = MISSING  # memory the model and its cache live in (unified RAM / HBM)
+    cache_budget_gb: float = MISSING
+    io_threads: int = MISSING
+    io_split: int = MISSING
+    device: str = MISSING  # cpu | gpu
+    dtype: str = MISSING  # activations: float32 | bfloat16 | float16
+    ssd_gbps: float = MISSING  # documentation of the disk; reported next to achieved GB/s
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: Optional[str] = None  # None: the demo/synth builder decides; set, it wins over demo
+    experts_per_token: Optional[int] = None  # None: the model's own K
+    layers: Optional[int] = None  # synth only
+    bits: int = 4  # synth only
+    num_experts: Optional[int] = None  # synth only
+    vocab_size: Optional[int] = None  # synth only
+
+
+@dataclass
+class IOConfig:
+    split: int = II("hardware.io_split")
+    threads: int = II("hardware.io_threads")
+    direct: bool = False
+    verify: bool = False
+    retries: int = 3
+
+
+@dataclass
+class CacheConfig:
+    policy: str = "lru"
+    budget_gb: float = II("hardware.cache_budget_gb")
+    prefetch: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+
+
+@dataclass
+class GenerateTask(TaskConfig):
+    name: str = "generate"
+
+
+@dataclass
+class BenchTask(TaskConfig):
+    name: str = "bench"
+    tokens: int = 128
+    warmup: int = 4
+    cold: bool = False  # drop the checkpoint's page cache before each repeat
+    baseline: str = "none"  # none | mlx_lm
+    repeats: int = 3
+    prompt: str = BENCH_PROMPT
+
+
+@dataclass
+class PplTask(TaskConfig):
+    name: str = "ppl"
+    context: int = 512
+    stride: int = 512
+    reference: str = "none"  # none | mlx_lm
+
+
+@dataclass
+class PackTask(TaskConfig):
+    name: str = "pack"
+    out: Optional[str] = None  # None: beside the checkpoint
+    align_bytes: int = 4096  # O_DIRECT needs block-aligned offsets
+
+
+@dataclass
+class RequantTask(TaskConfig):
+    name: str = "requant"
+    bits: int = 3
+    group_size: int = 64
+    layer_bits: Dict[str, int] = field(default_factory=dict)  # {"0": 8}: layer index -> bits
+    out: Optional[str] = None
+
+
+@dataclass
+class ConvertTask(TaskConfig):
+    name: str = "convert"
+    source: Optional[str] = None  # a Hugging Face checkpoint directory
+    out: Optional[str] = None
+    bits: int = 4
+    group_size: int = 64
+
+
+@dataclass
+class Config:
+    hardware: HardwareConfig = MISSING
+    model: ModelConfig = MISSING
+    io: IOConfig = MISSING
+    cache: CacheConfig = MISSING
+    sampling: SamplingConfig = MISSING
+    task: TaskConfig = MISSING
+    prompt: str = DEFAULT_PROMPT
+    max_tokens: int = 64
+    chat: bool = False
+    data: Optional[str] = None
+    debug: bool = False
+    run_dir: Optional[str] = None  # None: Hydra's job output dir (hydra.run.dir / sweep subdir)
+
+
+GROUP_SCHEMAS: tuple[tuple[str, type], ...] = (
+    ("hardware", HardwareConfig), ("model", ModelConfig), ("io", IOConfig),
+    ("cache", CacheConfig), ("sampling", SamplingConfig), ("task", TaskConfig),
+)
+TASK_SCHEMAS: tuple[type[TaskConfig], ...] = (
+    GenerateTask, BenchTask, PplTask, PackTask, RequantTask, ConvertTask,
+)
+DEVICES = ("cpu", "gpu")
+DTYPES = ("float32", "bfloat16", "float16")
+POLICIES = ("none", "lru", "lfu")
+BASELINES = ("none", "mlx_lm")
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+def register_configs() -> None:
+    """Store the schemas the YAML files extend (`base_<group>`, `base_<task>`); idempotent."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, schema in GROUP_SCHEMAS:
+        cs.store(group=group, name=f"base_{group}", node=schema)
+    for schema in TASK_SCHEMAS:
+        cs.store(group="task", name=f"base_{schema.name}", node=schema)
+
+
+def available_options(group: str) -> list[str]:
+    """The YAML options of a config group as shipped in the package (schemas excluded)."""
+    folder = resources.files(CONF_MODULE).joinpath(group)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def model_kind(model: DictConfig) -> str:
+    """'path', 'synth' or 'demo': a model.path given with the demo group means a real checkpoint."""
+    if model.name != "synth" and model.path is not None:
+        return "path"
+    return str(model.name)
+
+
+def compose_config(overrides: Sequence[str] = (), *, return_hydra_config: bool = False) -> DictConfig:
+    """Compose `config.yaml` with overrides outside @hydra.main (tests, notebooks, tools).
+
+    Hydra's composition errors come back as ConfigError with a one-line message.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_module(CONF_MODULE, version_base="1.3"):
+            return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _fail(key: str, value: Any, expect: str) -> None:
+    raise ConfigError(f"{key}={value} {expect}")
+
+
+def _between(cfg: DictConfig, key: str, lo: float, hi: float) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not lo <= value <= hi:
+        _fail(key, value, f"must be between {lo} and {hi}")
+
+
+def _at_least(cfg: DictConfig, key: str, lo: float) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is not None and value < lo:
+        _fail(key, value, f"must be at least {lo}")
+
+
+def _one_of(cfg: DictConfig, key: str, allowed: Sequence[Any]) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in allowed:
+        _fail(key, value, "must be one of " + ", ".join(map(str, allowed)))
+
+
+def _check_missing(cfg: DictConfig) -> None:
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    if not missing:
+        return
+    key = missing[0]
+    if key.startswith("hardware."):
+        raise ConfigError(
+            f"{key} is unset: hardware=auto must be resolved with "
+            "flashmoe.runtime.hardware.resolve_hardware(cfg) before use, or choose a profile: "
+            "hardware=" + "|".join(o for o in available_options("hardware") if o != "auto"))
+    if key == "model.path":
+        raise ConfigError("model.path is unset: model=path needs model.path=DIR (a checkpoint directory)")
+    raise ConfigError(f"{key} is unset; give it a value, e.g. {key}=...")
+
+
+def _validate_model(cfg: DictConfig, num_experts: Optional[int]) -> None:
+    _one_of(cfg, "model.bits", BITS)
+    for key in ("model.layers", "model.num_experts", "model.vocab_size", "model.experts_per_token"):
+        _at_least(cfg, key, 1)
+    k = cfg.model.experts_per_token
+    n = num_experts if num_experts is not None else cfg.model.num_experts
+    if k is not None and n is not None and k > n:
+        _fail("model.experts_per_token", k, f"must be between 1 and {n} (the model's expert count)")
+
+
+def _validate_task(cfg: DictConfig, max_context: Optional[int]) -> None:
+    task = cfg.task
+    if task.name == "bench":
+        _at_least(cfg, "task.tokens", 1)
+        _at_least(cfg, "task.warmup", 0)
+        _at_least(cfg, "task.repeats", 1)
+        _one_of(cfg, "task.baseline", BASELINES)
+    elif task.name == "ppl":
+        _between(cfg, "task.context", 2, max_context if max_context is not None else 1 << 30)
+        _between(cfg, "task.stride", 1, task.context)
+        _one_of(cfg, "task.reference", BASELINES)
+    elif task.name in ("requant", "convert"):
+        _one_of(cfg, "task.bits", BITS)
+        _one_of(cfg, "task.group_size", GROUP_SIZES)
+    elif task.name == "pack" and (task.align_bytes < 1 or task.align_bytes & (task.align_bytes - 1)):
+        _fail("task.align_bytes", task.align_bytes, "must be a power of two such as 4096")
+    for layer, bits in (task.get("layer_bits") or {}).items():
+        if not str(layer).isdigit():
+            _fail(f"task.layer_bits.{layer}", bits, "needs a layer index as key, e.g. task.layer_bits={0:8}")
+        _one_of(cfg, f"task.layer_bits.{layer}", BITS)
+
+
+def validate(cfg: DictConfig, *, num_experts: Optional[int] = None, max_context: Optional[int] = None) -> None:
+    """Check ranges and sets Hydra's types cannot express; raise ConfigError naming the key.
+
+    num_experts / max_context come from the checkpoint once it is known; without them the
+    checks that need them are skipped.
+    """
+    _check_missing(cfg)
+    _one_of(cfg, "hardware.device", DEVICES)
+    _one_of(cfg, "hardware.dtype", DTYPES)
+    _at_least(cfg, "hardware.memory_gb", 0.001)
+    _at_least(cfg, "hardware.cache_budget_gb", 0)
+    _between(cfg, "io.split", 1, 64)
+    _between(cfg, "io.threads", 1, 256)
+    _between(cfg, "io.retries", 0, 100)
+    _one_of(cfg, "cache.policy", POLICIES)
+    _between(cfg, "cache.budget_gb", 0, cfg.hardware.memory_gb)
+    _at_least(cfg, "sampling.temperature", 0)
+    if not 0 < cfg.sampling.top_p <= 1:
+        _fail("sampling.top_p", cfg.sampling.top_p, "must be in (0, 1]; 1 disables top-p")
+    _at_least(cfg, "sampling.top_k", 0)
+    if not 0 <= cfg.sampling.min_p < 1:
+        _fail("sampling.min_p", cfg.sampling.min_p, "must be in [0, 1); 0 disables min-p")
+    _at_least(cfg, "sampling.seed", 0)
+    _at_least(cfg, "max_tokens", 1)
+    _validate_model(cfg, num_experts)
+    _validate_task(cfg, max_context)
+
+
+register_configs()

@@ -1,0 +1,190 @@
+"""The Python API: open a checkpoint, stream tokens. The CLI, bench and ppl tasks use it.
+
+    engine = await Engine.open("path/to/checkpoint", EngineOptions(io_split=4))
+    async for ev in engine.generate(engine.encode("Hello"), max_tokens=32):
+        print(engine.decode([ev.token_id]), end="")
+    await engine.aclose()
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from flashmoe.errors import ConfigError
+from flashmoe.models.loader import Resident, load_resident
+from flashmoe.runtime.expert_store import ExpertStore
+from flashmoe.runtime.io_pool import IOPool, Reader
+from flashmoe.runtime.mlx_worker import MlxWorker
+from flashmoe.runtime.safetensors_index import CheckpointIndex
+from flashmoe.runtime.slot_pool import SlotPool
+from flashmoe.stages.messages import StepStats
+from flashmoe.stages.pipeline import Pipeline
+from flashmoe.stages.sampling import Sampler, make_sampler
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """Everything the engine needs; the Hydra config maps onto this one to one."""
+
+    experts_per_token: int | None = None  # None: the model's own K
+    io_split: int = 1
+    io_threads: int = 4
+    io_retries: int = 3
+    cache_policy: str = "lru"
+    cache_budget_gb: float | None = None  # None: the minimum, two tokens' worth of slots
+    device: str = "cpu"
+    dtype: str | None = None  # activations; None keeps the checkpoint's dtype (mlx-lm parity)
+    reader: Reader | None = None  # injectable pread, for fault tests
+    on_io_retry: Callable[..., None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token and what producing it cost."""
+
+    token_id: int
+    position: int
+    stats: dict
+    elapsed_s: float
+
+
+@dataclass(slots=True)
+class Totals:
+    """Running sums over a generation, for the run summary."""
+
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    steps: list[StepStats] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, path: Path, options: EngineOptions, worker: MlxWorker, index: CheckpointIndex,
+                 resident: Resident) -> None:
+        self.path, self.options, self.worker, self.index = path, options, worker, index
+        self.resident = resident
+        self.num_experts = resident.num_experts
+        self.k = options.experts_per_token or resident.experts_per_token
+        if not 1 <= self.k <= self.num_experts:
+            raise ConfigError(f"model.experts_per_token={self.k} must be between 1 and "
+                              f"{self.num_experts} (this model's experts per layer)")
+        self.store = ExpertStore(resident.experts)
+        self.pools = self._make_pools()
+        self.io = IOPool(options.io_threads, options.io_split, options.io_retries,
+                         reader=options.reader, on_retry=options.on_io_retry)
+        self.tokenizer: Any = None
+        self.totals = Totals()
+        dtype = DTYPES.get(options.dtype) if options.dtype else None
+        self.pipeline = Pipeline(resident, worker, self.store, self.pools, self.io, self.k,
+                                 make_sampler(), dtype)
+
+    @classmethod
+    async def open(cls, path: str | Path, options: EngineOptions | None = None,
+                   tokenizer: bool = True) -> "Engine":
+        """Validate headers, load the resident part in the MLX thread, allocate slots."""
+        path, options = Path(path), options or EngineOptions()
+        index = CheckpointIndex.open(path)
+        worker = MlxWorker(options.device)
+        try:
+            resident = await worker.build(load_resident, path, index)
+            engine = cls(path, options, worker, index, resident)
+        except BaseException:
+            worker.close()
+            raise
+        if tokenizer:
+            from mlx_lm.utils import load_tokenizer
+
+            engine.tokenizer = load_tokenizer(path)
+        return engine
+
+    def _make_pools(self) -> dict[int, SlotPool]:
+        """One pool per distinct expert layout, sized by cache.budget_gb."""
+        groups: dict[tuple, list[int]] = {}
+        for i, le in self.resident.experts.items():
+            groups.setdefault(le.signature, []).append(i)
+        pools: dict[int, SlotPool] = {}
+        budget = self.options.cache_budget_gb
+        for sig, layers in groups.items():
+            spec = self.resident.experts[layers[0]]
+            n = 2 * self.k if budget is None else int(budget * 1e9 / len(groups) // spec.expert_nbytes)
+            if n < self.k:
+                need = self.k * spec.expert_nbytes * len(groups) / 1e9
+                raise ConfigError(
+                    f"cache.budget_gb={budget} holds {n} experts of {spec.expert_nbytes / 1e6:.2f} MB "
+                    f"but one layer needs {self.k} (experts_per_token); use at least {need:.3f}")
+            n = min(n, self.num_experts * len(layers))
+            pool = SlotPool(spec, n, self.options.cache_policy)
+            pools.update({i: pool for i in layers})
+        return pools
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(p.nbytes for p in {id(p): p for p in self.pools.values()}.values())
+
+    def new_cache(self) -> list[Any]:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return self.worker.call(lambda: make_prompt_cache(self.resident.model))
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            return list(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True))
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    async def logits(self, ids: Sequence[int], cache: list[Any] | None = None) -> np.ndarray:
+        """Logits for every position of `ids` [L, V] (float32), for tests, ppl and KL."""
+        cache = cache if cache is not None else self.new_cache()
+        stats = StepStats()
+        out = await self.pipeline.forward(list(ids), cache, stats, all_logits=True)
+        self.totals.steps.append(stats)
+        (arr,) = await self.worker.numpy(lambda: (out[0].astype(mx.float32),))
+        return arr
+
+    async def generate(self, prompt: Sequence[int], max_tokens: int,
+                       sampler: Sampler | None = None,
+                       stop: Sequence[int] = ()) -> AsyncIterator[TokenEvent]:
+        """Prompt in one exact pass, then one token per step; yields as tokens arrive."""
+        if max_tokens < 1:
+            raise ConfigError(f"max_tokens={max_tokens} must be at least 1")
+        if sampler is not None:
+            self.pipeline.sampling.sampler = sampler
+        cache, ids, t_start = self.new_cache(), list(prompt), time.perf_counter()
+        for n in range(max_tokens):
+            stats, t0 = StepStats(), time.perf_counter()
+            logits = await self.pipeline.forward(ids, cache, stats)
+            tok = await self.pipeline.sample(logits, stats)
+            dt = time.perf_counter() - t0
+            self._account(n == 0, len(ids), dt, stats)
+            yield TokenEvent(tok, len(prompt) + n, stats.as_dict(), time.perf_counter() - t_start)
+            if tok in stop:
+                return
+            ids = [tok]
+
+    def _account(self, first: bool, n_ids: int, dt: float, stats: StepStats) -> None:
+        t = self.totals
+        if first:
+            t.prompt_tokens, t.prompt_s = t.prompt_tokens + n_ids, t.prompt_s + dt
+        else:
+            t.decode_tokens, t.decode_s = t.decode_tokens + 1, t.decode_s + dt
+        t.steps.append(stats)
+
+    def cache_stats(self) -> tuple[int, int]:
+        pools = {id(p): p for p in self.pools.values()}.values()
+        return sum(p.hits for p in pools), sum(p.misses for p in pools)
+
+    async def aclose(self) -> None:
+        self.io.close()
+        self.store.close()
+        self.worker.close()

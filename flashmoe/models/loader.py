@@ -1,0 +1,65 @@
+"""Build the resident part of a checkpoint with mlx-lm, leaving the routed experts on disk."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from flashmoe.errors import CheckpointError
+from flashmoe.models import Family, family_for
+from flashmoe.runtime.expert_store import PROJS, LayerExperts, layer_experts
+from flashmoe.runtime.safetensors_index import CheckpointIndex
+
+
+class StreamedExperts(nn.Module):
+    """Stands where mlx-lm's SwitchGLU was: no weights, only its activation."""
+
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        self.activation = activation
+
+
+@dataclass(slots=True)
+class Resident:
+    """The loaded model without expert weights, and where those experts live."""
+
+    model: nn.Module
+    config: dict
+    family: Family
+    experts: dict[int, LayerExperts]  # MoE layer index -> its stacked expert tensors
+    num_experts: int
+    experts_per_token: int
+
+
+def load_resident(path: Path, index: CheckpointIndex) -> Resident:
+    """mlx_lm.utils.load_model(lazy) then drop the expert stacks before anything is read.
+
+    Must run in the MLX thread. The lazy expert arrays are released unevaluated, so their
+    bytes are never read; evaluating the rest reads only the non-expert tensors.
+    """
+    from mlx_lm.utils import load_model
+
+    family = family_for(index.config, str(path / "config.json"))
+    try:
+        model, config = load_model(Path(path), lazy=True)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: mlx-lm cannot build this checkpoint ({e}); is it a "
+                              "complete mlx-community checkpoint?") from None
+    experts: dict[int, LayerExperts] = {}
+    for i, layer in enumerate(family.layers(model)):
+        block = family.moe_block(layer)
+        if block is None:
+            continue
+        glu = block.switch_mlp
+        quant = tuple((p, int(getattr(glu[p], "bits", 0)), int(getattr(glu[p], "group_size", 0)),
+                       str(getattr(glu[p], "mode", "affine"))) for p in PROJS)
+        if any(b == 0 for _, b, _, _ in quant):
+            raise CheckpointError(f"{path}: layer {i}'s experts are not quantized; flashmoe "
+                                  "streams quantized experts (convert with mlx_lm.convert -q)")
+        experts[i] = layer_experts(index.tensors, family.expert_prefix(model, i), i, quant)
+        block.switch_mlp = StreamedExperts(glu.activation)
+    mx.eval(model.parameters())
+    return Resident(model, config, family, experts, family.num_experts(config),
+                    family.experts_per_token(config))

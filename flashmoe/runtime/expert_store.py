@@ -1,0 +1,121 @@
+"""Where each routed expert's bytes live: (layer, expert) → byte ranges in the checkpoint.
+
+Expert e of a stacked tensor [E, ...] is the contiguous range start + e*row .. + row, so an
+expert is 9 ranges (gate/up/down × weight/scales/biases) in the original safetensors files.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from flashmoe.errors import CheckpointError
+from flashmoe.runtime.safetensors_index import TensorInfo
+
+PROJS = ("gate_proj", "up_proj", "down_proj")
+FIELDS = ("weight", "scales", "biases")
+# safetensors dtype → (storage dtype the slot holds, dtype the kernel sees)
+STORAGE = {
+    "U32": (mx.uint32, mx.uint32), "U8": (mx.uint8, mx.uint8),
+    "BF16": (mx.uint16, mx.bfloat16), "F16": (mx.float16, mx.float16),
+    "F32": (mx.float32, mx.float32),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PartSpec:
+    """One of an expert's tensors: `proj.field`, its per-expert shape and dtypes."""
+
+    key: str
+    shape: tuple[int, ...]
+    storage: mx.Dtype
+    dtype: mx.Dtype
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class LayerExperts:
+    """A layer's stacked expert tensors and their quantization."""
+
+    layer: int
+    num_experts: int
+    parts: tuple[PartSpec, ...]
+    tensors: tuple[TensorInfo, ...]
+    quant: tuple[tuple[str, int, int, str], ...]  # (proj, bits, group_size, mode)
+
+    @property
+    def signature(self) -> tuple:
+        """Layers with equal signatures can share slot arrays."""
+        return (self.parts, self.quant)
+
+    @property
+    def expert_nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    file_id: int
+    offset: int
+    nbytes: int
+
+
+class ExpertStore:
+    """Byte ranges of every (layer, expert); owns the read-only file descriptors."""
+
+    def __init__(self, layers: dict[int, LayerExperts], direct: bool = False) -> None:
+        self.layers = layers
+        files = sorted({t.file for le in layers.values() for t in le.tensors})
+        self.files: list[Path] = files
+        self._file_ids = {f: i for i, f in enumerate(files)}
+        self.fds = [os.open(f, os.O_RDONLY) for f in files]
+        self.direct = direct
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def ranges(self, layer: int, expert: int) -> list[ByteRange]:
+        """The expert's bytes, one range per part, in `parts` order."""
+        le = self.layers[layer]
+        out = []
+        for part, t in zip(le.parts, le.tensors):
+            out.append(ByteRange(self._file_ids[t.file], t.start + expert * part.nbytes,
+                                 part.nbytes))
+        return out
+
+    @property
+    def expert_nbytes(self) -> int:
+        return max(le.expert_nbytes for le in self.layers.values())
+
+
+def layer_experts(tensors: dict[str, TensorInfo], prefix: str, layer: int,
+                  quant: tuple[tuple[str, int, int, str], ...]) -> LayerExperts:
+    """Collect `prefix`.{proj}.{field} stacked tensors of one layer, checking shapes agree."""
+    parts, infos = [], []
+    num_experts = None
+    for proj in PROJS:
+        for field in FIELDS:
+            name = f"{prefix}.{proj}.{field}"
+            t = tensors.get(name)
+            if t is None:
+                if field == "biases" and f"{prefix}.{proj}.scales" in tensors:
+                    continue  # mxfp/nvfp modes carry no biases
+                raise CheckpointError(
+                    f"tensor {name} is missing from the checkpoint; flashmoe streams quantized "
+                    "mlx-community experts (…switch_mlp.{gate,up,down}_proj.{weight,scales,biases})")
+            if t.dtype not in STORAGE or len(t.shape) < 2:
+                raise CheckpointError(f"{t.file}: tensor {name} has dtype {t.dtype} shape "
+                                      f"{t.shape}; expected a stacked [experts, ...] tensor")
+            num_experts = t.shape[0] if num_experts is None else num_experts
+            if t.shape[0] != num_experts:
+                raise CheckpointError(f"{t.file}: tensor {name} stacks {t.shape[0]} experts but "
+                                      f"the layer's other expert tensors stack {num_experts}")
+            storage, dtype = STORAGE[t.dtype]
+            parts.append(PartSpec(f"{proj}.{field}", t.shape[1:], storage, dtype,
+                                  t.nbytes // t.shape[0]))
+            infos.append(t)
+    return LayerExperts(layer, num_experts, tuple(parts), tuple(infos), quant)

@@ -1,0 +1,68 @@
+"""The one thread that builds and evaluates MLX graphs; coroutines await it, never block."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+import mlx.core as mx
+import numpy as np
+
+T = TypeVar("T")
+
+
+class MlxWorker:
+    """Runs `fn` in a dedicated thread and evaluates what it returns before handing it back."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flashmoe-mlx",
+                                        initializer=self._init_thread)
+
+    def _init_thread(self) -> None:
+        mx.set_default_device(mx.gpu if self.device == "gpu" else mx.cpu)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Build with fn(*args) in the MLX thread, mx.eval the result, return it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._eval, fn, args)
+
+    async def build(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn in the MLX thread without evaluating (graphs, masks, caches)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args))
+
+    async def numpy(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Evaluate fn(*args) -> (array, *rest); return (np.ndarray, *rest) with rest evaluated."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._to_numpy, fn, args)
+
+    async def start(self, fn: Callable[..., T], *args: Any) -> T:
+        """Build and start evaluating asynchronously (mx.async_eval); returns at once."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._async_eval, fn, args)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Blocking variant for setup code outside the event loop."""
+        return self._pool.submit(self._eval, fn, args).result()
+
+    @staticmethod
+    def _eval(fn: Callable[..., T], args: tuple) -> T:
+        out = fn(*args)
+        mx.eval(out)
+        return out
+
+    @staticmethod
+    def _to_numpy(fn: Callable[..., Any], args: tuple) -> Any:
+        first, *rest = fn(*args)
+        mx.eval(first, *rest)
+        return (np.array(first), *rest)
+
+    @staticmethod
+    def _async_eval(fn: Callable[..., T], args: tuple) -> T:
+        out = fn(*args)
+        mx.async_eval(out)
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

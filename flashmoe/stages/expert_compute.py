@@ -1,0 +1,73 @@
+"""ExpertComputeStage: gather_qmm over the fetched slots, weighted sum, shared expert, residual."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from flashmoe.kernels.moe import Quant, gather_experts, scatter_pairs
+from flashmoe.models import Family
+from flashmoe.runtime.mlx_worker import MlxWorker
+from flashmoe.runtime.slot_pool import SlotPool
+from flashmoe.stages.messages import Attended, Fetched, Routed, StepStats
+
+
+class ExpertComputeStage:
+    def __init__(self, worker: MlxWorker, family: Family, pools: dict[int, SlotPool],
+                 quant: dict[int, Quant]) -> None:
+        self.worker, self.family, self.pools, self.quant = worker, family, pools, quant
+
+    async def whole(self, att: Attended, routed: Routed, fetched: Fetched,
+                    activation: Callable, stats: StepStats) -> mx.array:
+        """Every routed expert is in this one chunk: one SwitchGLU call, as mlx-lm does."""
+        t0 = time.perf_counter()
+        slots = _slot_ids(routed.inds, fetched.grant.slots)
+        x = await self.worker.run(self._whole, att, routed, slots, activation)
+        self.pools[att.layer].release(fetched.grant)
+        stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
+        return x
+
+    def _whole(self, att: Attended, routed: Routed, slots: np.ndarray, activation: Callable):
+        w = self.pools[att.layer].store.weights()
+        y = gather_experts(att.xn, mx.array(slots), w, self.quant[att.layer], activation)
+        return att.h + self.family.combine(y, routed.scores, routed.shared)
+
+    async def partial(self, att: Attended, routed: Routed, fetched: Fetched, y: mx.array | None,
+                      activation: Callable, stats: StepStats) -> mx.array:
+        """One chunk of a union larger than the slots: fill the (token, k) rows it covers."""
+        t0 = time.perf_counter()
+        flat = routed.inds.reshape(-1)
+        pairs = np.flatnonzero(np.isin(flat, list(fetched.grant.slots)))
+        slots = _slot_ids(flat[pairs], fetched.grant.slots)
+        y = await self.worker.run(self._partial, att, routed, pairs, slots, y, activation)
+        self.pools[att.layer].release(fetched.grant)
+        stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
+        return y
+
+    def _partial(self, att, routed, pairs: np.ndarray, slots: np.ndarray, y, activation):
+        k = routed.inds.shape[-1]
+        xs = att.xn.reshape(-1, att.xn.shape[-1])[mx.array(pairs // k)]  # [P, D]
+        w = self.pools[att.layer].store.weights()
+        out = gather_experts(xs, mx.array(slots)[:, None], w, self.quant[att.layer], activation)
+        return scatter_pairs(y, routed.inds.size, mx.array(pairs), out[:, 0])  # [T*k, D]
+
+    async def finish(self, att: Attended, routed: Routed, y: mx.array,
+                     stats: StepStats) -> mx.array:
+        t0 = time.perf_counter()
+        x = await self.worker.run(self._finish, att, routed, y)
+        stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
+        return x
+
+    def _finish(self, att: Attended, routed: Routed, y: mx.array) -> mx.array:
+        y = y.reshape(*routed.inds.shape, y.shape[-1])  # [B, L, k, D]
+        return att.h + self.family.combine(y, routed.scores, routed.shared)
+
+
+def _slot_ids(inds: np.ndarray, slots: dict[int, int]) -> np.ndarray:
+    """Expert ids → slot ids (same shape), via a small lookup table."""
+    table = np.zeros(max(slots) + 1, dtype=np.uint32)
+    for e, s in slots.items():
+        table[e] = s
+    return table[inds]

@@ -1,0 +1,66 @@
+"""The small typed messages the stages hand each other."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Attended:
+    """A layer's residual stream after attention (h) and its normed MLP input (xn)."""
+
+    layer: int
+    h: mx.array  # [B, L, D]
+    xn: mx.array  # [B, L, D]
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """The router's choice for every token of the step."""
+
+    layer: int
+    inds: np.ndarray  # [B, L, k] expert ids
+    scores: mx.array  # [B, L, k]
+    experts: tuple[int, ...]  # the union, ascending: each fetched once
+    shared: mx.array | None  # shared-expert output, evaluating while experts are read
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A chunk of the union, resident in slots."""
+
+    layer: int
+    grant: Any  # SlotGrant
+    bytes_read: int
+    fetch_ms: float
+
+
+@dataclass(slots=True)
+class StepStats:
+    """Per-step (one forward) telemetry, summed over layers."""
+
+    attention_ms: float = 0.0
+    router_ms: float = 0.0
+    expert_fetch_ms: float = 0.0
+    expert_compute_ms: float = 0.0
+    sampling_ms: float = 0.0
+    bytes_read: int = 0
+    experts_fetched: int = 0
+    experts_hit: int = 0
+    chunks: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "attention_ms": round(self.attention_ms, 3),
+            "router_ms": round(self.router_ms, 3),
+            "expert_fetch_ms": round(self.expert_fetch_ms, 3),
+            "expert_compute_ms": round(self.expert_compute_ms, 3),
+            "sampling_ms": round(self.sampling_ms, 3),
+            "bytes_read": self.bytes_read,
+            "experts_fetched": self.experts_fetched,
+            "experts_hit": self.experts_hit,
+        }

@@ -1,0 +1,79 @@
+"""The pipeline: attention → router → expert-fetch → expert-compute per layer, then sampling."""
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from flashmoe.models.loader import Resident
+from flashmoe.runtime.expert_store import ExpertStore
+from flashmoe.runtime.io_pool import IOPool
+from flashmoe.runtime.mlx_worker import MlxWorker
+from flashmoe.runtime.slot_pool import SlotPool
+from flashmoe.stages.attention import AttentionStage
+from flashmoe.stages.expert_compute import ExpertComputeStage
+from flashmoe.stages.expert_fetch import ExpertFetchStage
+from flashmoe.stages.messages import Attended, StepStats
+from flashmoe.stages.router import RouterStage
+from flashmoe.stages.sampling import Sampler, SamplingStage
+
+
+class Pipeline:
+    """Runs one forward step (a whole prompt, or one token) through the stages."""
+
+    def __init__(self, resident: Resident, worker: MlxWorker, store: ExpertStore,
+                 pools: dict[int, SlotPool], io: IOPool, k: int, sampler: Sampler,
+                 dtype: mx.Dtype | None = None) -> None:
+        self.r, self.worker, self.dtype = resident, worker, dtype
+        fam = resident.family
+        self.layers = fam.layers(resident.model)
+        quant = {i: {p: (b, g, m) for p, b, g, m in le.quant}
+                 for i, le in resident.experts.items()}
+        self.attention = AttentionStage(worker, fam)
+        self.router = RouterStage(worker, fam, k)
+        self.fetch = ExpertFetchStage(store, pools, io)
+        self.compute = ExpertComputeStage(worker, fam, pools, quant)
+        self.sampling = SamplingStage(worker, sampler)
+
+    async def forward(self, ids: list[int], cache: list[Any], stats: StepStats,
+                      all_logits: bool = False) -> mx.array:
+        """Logits [1, L, V] (or [1, 1, V] for the last position) for `ids` after `cache`."""
+        fam, model = self.r.family, self.r.model
+        x = await self.worker.run(self._embed, ids)
+        masks = await self.worker.build(fam.masks, model, x, cache)
+        for i, layer in enumerate(self.layers):
+            att = await self.attention(i, layer, x, masks[i], cache[i], stats)
+            block = fam.moe_block(layer)
+            if block is None:
+                x = await self.worker.run(lambda a=att, l=layer: a.h + fam.dense_mlp(l, a.xn))
+                continue
+            x = await self._experts(att, block, stats)
+        return await self.worker.run(self._head, x, all_logits)
+
+    async def sample(self, logits: mx.array, stats: StepStats) -> int:
+        return await self.sampling(logits, stats)
+
+    async def _experts(self, att: Attended, block: nn.Module, stats: StepStats) -> mx.array:
+        routed = await self.router(att, block, stats)
+        chunks = self.fetch.plan(att.layer, routed.experts)
+        act = block.switch_mlp.activation
+        if len(chunks) == 1:
+            fetched = await self.fetch(att.layer, chunks[0], stats)
+            return await self.compute.whole(att, routed, fetched, act, stats)
+        # the union exceeds the slots: chunk by chunk, each chunk's slots released after use
+        stats.chunks += len(chunks)
+        y = None
+        for chunk in chunks:
+            fetched = await self.fetch(att.layer, chunk, stats)
+            y = await self.compute.partial(att, routed, fetched, y, act, stats)
+        return await self.compute.finish(att, routed, y, stats)
+
+    def _embed(self, ids: list[int]) -> mx.array:
+        x = self.r.family.embed(self.r.model, mx.array([ids]))
+        return x if self.dtype is None else x.astype(self.dtype)
+
+    def _head(self, x: mx.array, all_logits: bool) -> mx.array:
+        if not all_logits:
+            x = x[:, -1:, :]
+        return self.r.family.head(self.r.model, x)

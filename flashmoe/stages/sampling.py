@@ -1,0 +1,36 @@
+"""SamplingStage: next token from the last position's logits with mlx-lm's sampler."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import mlx.core as mx
+
+from flashmoe.runtime.mlx_worker import MlxWorker
+from flashmoe.stages.messages import StepStats
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 min_p: float = 0.0) -> Sampler:
+    """mlx-lm's own sampler (greedy argmax when temperature is 0)."""
+    from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
+
+    return mlx_lm_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+
+
+class SamplingStage:
+    def __init__(self, worker: MlxWorker, sampler: Sampler) -> None:
+        self.worker, self.sampler = worker, sampler
+
+    async def __call__(self, logits: mx.array, stats: StepStats) -> int:
+        t0 = time.perf_counter()
+        tok = await self.worker.numpy(self._sample, logits)
+        stats.sampling_ms += (time.perf_counter() - t0) * 1e3
+        return int(tok[0].reshape(-1)[0])
+
+    def _sample(self, logits: mx.array):
+        last = logits[:, -1, :]
+        logprobs = last - mx.logsumexp(last, axis=-1, keepdims=True)
+        return (self.sampler(logprobs),)
