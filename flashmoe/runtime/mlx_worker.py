@@ -65,4 +65,9 @@ class MlxWorker:
         return out
 
     def close(self) -> None:
+        """Destroy this thread's MLX streams before it exits (else MLX aborts at exit)."""
+        try:
+            self._pool.submit(lambda: (mx.synchronize(), mx.clear_streams())).result()
+        except RuntimeError:
+            pass  # already shut down
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,32 @@
+"""Resident mlx-lm as the reference: greedy tokens and last-position logits."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+
+def mlx_lm_greedy(path: Path, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """mlx-lm's own generate_step (greedy); returns tokens and the prompt's last logits."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, _ = load(str(path))
+    last = np.array(model(mx.array([prompt]))[0, -1].astype(mx.float32))
+    toks = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n,
+                                             sampler=lambda lp: mx.argmax(lp, axis=-1))]
+    return toks, last
+
+
+async def flashmoe_greedy(path: Path, prompt: list[int], n: int, **opts):
+    """flashmoe's streaming engine on the same checkpoint."""
+    from flashmoe.engine import Engine, EngineOptions
+
+    engine = await Engine.open(path, EngineOptions(**opts), tokenizer=False)
+    try:
+        last = (await engine.logits(prompt))[-1]
+        toks = [ev.token_id async for ev in engine.generate(prompt, n)]
+    finally:
+        await engine.aclose()
+    return toks, last, engine
