@@ -7,6 +7,7 @@ decimal GB/s, as disks are specified.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from typing import Any, Dict, Optional, Sequence
@@ -110,7 +111,7 @@ class RequantTask(TaskConfig):
     name: str = "requant"
     bits: int = 3
     group_size: int = 64
-    layer_bits: Dict[str, int] = field(default_factory=dict)  # {"0": 8}: layer index -> bits
+    layer_bits: Dict[int, int] = field(default_factory=dict)  # layer index -> bits: {0: 8}
     out: Optional[str] = None
 
 
@@ -192,7 +193,7 @@ def compose_config(overrides: Sequence[str] = (), *, return_hydra_config: bool =
         with initialize_config_module(CONF_MODULE, version_base="1.3"):
             return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(str(exc)) from exc
+        raise ConfigError(hydra_error_message(exc)) from exc
 
 
 def _fail(key: str, value: Any, expect: str) -> None:
@@ -218,18 +219,18 @@ def _one_of(cfg: DictConfig, key: str, allowed: Sequence[Any]) -> None:
 
 
 def _check_missing(cfg: DictConfig) -> None:
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
-    if not missing:
-        return
-    key = missing[0]
-    if key.startswith("hardware."):
+    # hardware first: io/cache interpolate it, so an unresolved `auto` would surface there.
+    unset = [f"hardware.{k}" for k in cfg.hardware if OmegaConf.is_missing(cfg.hardware, k)]
+    if unset:
         raise ConfigError(
-            f"{key} is unset: hardware=auto must be resolved with "
+            f"{unset[0]} is unset: hardware=auto must be resolved with "
             "flashmoe.runtime.hardware.resolve_hardware(cfg) before use, or choose a profile: "
             "hardware=" + "|".join(o for o in available_options("hardware") if o != "auto"))
-    if key == "model.path":
+    if cfg.model.name == "path" and cfg.model.path is None:
         raise ConfigError("model.path is unset: model=path needs model.path=DIR (a checkpoint directory)")
-    raise ConfigError(f"{key} is unset; give it a value, e.g. {key}=...")
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    if missing:
+        raise ConfigError(f"{missing[0]} is unset; give it a value, e.g. {missing[0]}=...")
 
 
 def _validate_model(cfg: DictConfig, num_experts: Optional[int]) -> None:
@@ -250,7 +251,9 @@ def _validate_task(cfg: DictConfig, max_context: Optional[int]) -> None:
         _at_least(cfg, "task.repeats", 1)
         _one_of(cfg, "task.baseline", BASELINES)
     elif task.name == "ppl":
-        _between(cfg, "task.context", 2, max_context if max_context is not None else 1 << 30)
+        _at_least(cfg, "task.context", 2)
+        if max_context is not None:
+            _between(cfg, "task.context", 2, max_context)
         _between(cfg, "task.stride", 1, task.context)
         _one_of(cfg, "task.reference", BASELINES)
     elif task.name in ("requant", "convert"):
@@ -258,10 +261,9 @@ def _validate_task(cfg: DictConfig, max_context: Optional[int]) -> None:
         _one_of(cfg, "task.group_size", GROUP_SIZES)
     elif task.name == "pack" and (task.align_bytes < 1 or task.align_bytes & (task.align_bytes - 1)):
         _fail("task.align_bytes", task.align_bytes, "must be a power of two such as 4096")
-    for layer, bits in (task.get("layer_bits") or {}).items():
-        if not str(layer).isdigit():
-            _fail(f"task.layer_bits.{layer}", bits, "needs a layer index as key, e.g. task.layer_bits={0:8}")
-        _one_of(cfg, f"task.layer_bits.{layer}", BITS)
+    for layer, bits in task.get("layer_bits", {}).items():
+        if layer < 0 or bits not in BITS:
+            _fail(f"task.layer_bits.{layer}", bits, "needs a layer index >= 0 and bits in 2, 3, 4, 8")
 
 
 def validate(cfg: DictConfig, *, num_experts: Optional[int] = None, max_context: Optional[int] = None) -> None:
@@ -279,7 +281,10 @@ def validate(cfg: DictConfig, *, num_experts: Optional[int] = None, max_context:
     _between(cfg, "io.threads", 1, 256)
     _between(cfg, "io.retries", 0, 100)
     _one_of(cfg, "cache.policy", POLICIES)
-    _between(cfg, "cache.budget_gb", 0, cfg.hardware.memory_gb)
+    _at_least(cfg, "cache.budget_gb", 0)
+    if cfg.cache.budget_gb > cfg.hardware.memory_gb:
+        _fail("cache.budget_gb", cfg.cache.budget_gb,
+              f"must not exceed hardware.memory_gb={cfg.hardware.memory_gb}")
     _at_least(cfg, "sampling.temperature", 0)
     if not 0 < cfg.sampling.top_p <= 1:
         _fail("sampling.top_p", cfg.sampling.top_p, "must be in (0, 1]; 1 disables top-p")
@@ -290,6 +295,53 @@ def validate(cfg: DictConfig, *, num_experts: Optional[int] = None, max_context:
     _at_least(cfg, "max_tokens", 1)
     _validate_model(cfg, num_experts)
     _validate_task(cfg, max_context)
+
+
+def _field_type(schema: Any, key: Any) -> str:
+    for f in fields(schema) if is_dataclass(schema) else ():
+        if f.name == key:
+            kind = str(f.type)
+            return kind[9:-1] + " or null" if kind.startswith("Optional[") else kind
+    return "a value of another type"
+
+
+def _omegaconf_message(err: Any, exc: BaseException) -> str:
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    schema = err.object_type
+    # Hydra's own text names the override: "Could not override 'io.foo'. ... use +io.foo=1".
+    override = re.search(r"use \+(\S+)", str(exc))
+    if isinstance(err, (ConfigAttributeError, ConfigKeyError)) and override:
+        key, _, value = override.group(1).partition("=")
+        if not is_dataclass(schema):  # a dict value: Hydra merges into it and cannot add keys
+            return f"{key}={value} adds keys to {key}; write it as +{key}={value}"
+        parent = key.rpartition(".")[0] or "the top level"
+        known = ", ".join(f.name for f in fields(schema))
+        return f"{key}={value} is not a known key; {parent} has: {known} (+{key}=... adds one)"
+    first = str(err.msg).splitlines()[0] if getattr(err, "msg", None) else type(err).__name__
+    if isinstance(err, (ConfigAttributeError, ConfigKeyError)) or not is_dataclass(schema):
+        return f"{err.full_key}={err.value}: {first}"
+    return f"{err.full_key}={err.value} is not valid: expected {_field_type(schema, err.key)}"
+
+
+def hydra_error_message(exc: BaseException) -> str:
+    """One line for Hydra's composition errors: the key, the value and what would be valid."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
+        group, _, value = exc.missing_cfg_file.rpartition("/")
+        options = [o for o in exc.options or () if not o.startswith("base_")] or available_options(group)
+        return f"{group}={value} is not an option of {group}; available: {', '.join(options)}"
+    if isinstance(exc, OverrideParseException):
+        return f"could not parse override {exc.override!r}: {exc.message.splitlines()[0]}"
+    cause: Optional[BaseException] = exc
+    while cause is not None:
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            return _omegaconf_message(cause, exc)
+        cause = cause.__cause__ or cause.__context__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:2]) or type(exc).__name__
 
 
 register_configs()

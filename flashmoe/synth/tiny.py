@@ -11,7 +11,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from flashmoe.synth.tokenizer import write_tokenizer
 
@@ -133,15 +133,3 @@ def _eos_id(path: Path) -> int:
     vocab = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
     return int(vocab["<|im_end|>"])
 
-
-def expert_bytes(path: Path) -> int:
-    """Total bytes of the routed-expert tensors in a checkpoint (for memory tests)."""
-    index = json.loads((Path(path) / "model.safetensors.index.json").read_text())
-    from safetensors import safe_open
-
-    total = 0
-    for name, fname in index["weight_map"].items():
-        if ".switch_mlp." in name:
-            with safe_open(str(Path(path) / fname), "numpy") as f:
-                total += f.get_slice(name).get_shape()[0] and 0
-    return total or sum(v.nbytes for k, v in tree_flatten({}) )

@@ -95,7 +95,8 @@ def requant(src: Path, dst: Path, *, bits: int, group_size: int = 64,
     try:
         work.chmod(0o755)  # mkdtemp makes it private; a checkpoint is not
         with _progress_bar(progress) as bar:
-            task = bar.add_task("requant", total=sum(t.end - t.start for t in tensors.values()))
+            total = sum(t.end - t.start for t in tensors.values())
+            task = bar.add_task(f"requant → {dst.name}", total=total)
             out = _write_shards(src, work, tensors, metas, projections,
                                 lambda n: bar.advance(task, n), chunk_experts)
         _write_index(src, work, weight_map, out)
@@ -255,13 +256,14 @@ def _layout(fname: str, tensors: dict[str, Tensor], new: dict[str, tuple[str, tu
             meta: dict) -> tuple[bytes, dict[str, Tensor]]:
     """Header bytes and placement of one output shard (same tensor order as the source)."""
     entries: dict[str, Any] = {"__metadata__": meta} if meta else {}
-    entries.update(dict.fromkeys(tensors))  # the source's key order: unchanged shards stay identical
+    entries.update(dict.fromkeys(tensors))  # source key order: unchanged shards stay identical
     offset = 0
     for name, t in sorted(tensors.items(), key=lambda kv: kv[1].start):
         dtype, shape = new.get(name, (t.dtype, t.shape))
         size = (t.end - t.start) if name not in new else \
             int(np.prod(shape)) * np.dtype(_DTYPES[dtype][0]).itemsize
-        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        entries[name] = {"data_offsets": [offset, offset + size], "dtype": dtype,
+                         "shape": list(shape)}
         offset += size
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # safetensors aligns the data start to 8 bytes

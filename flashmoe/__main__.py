@@ -1,0 +1,23 @@
+"""`python -m flashmoe [group=option ...] [key=value ...]` — see README.md."""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from flashmoe.cli import precheck
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def _job(cfg: DictConfig) -> None:
+    from flashmoe.app import main
+
+    code = main(cfg)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    precheck(sys.argv[1:])
+    _job()

@@ -1,0 +1,105 @@
+"""What every task does: find the checkpoint, open the engine from config, summarise the run."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from flashmoe.config import model_kind, validate
+from flashmoe.engine import Engine, EngineOptions, Totals
+from flashmoe.errors import CheckpointError
+from flashmoe.runtime.memory import peak_rss_gb
+
+SYNTHETIC_NOTE = "synthetic random weights: the text is gibberish by design"
+
+
+def checkpoint_path(cfg: DictConfig) -> Path:
+    """The checkpoint directory the config names, building demo/synth ones on first use."""
+    kind = model_kind(cfg.model)
+    if kind == "path":
+        path = Path(cfg.model.path).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"model.path={cfg.model.path} does not exist; give the directory "
+                                  "of a downloaded mlx-community checkpoint (config.json + *.safetensors)")
+        return path
+    if kind == "synth":
+        from flashmoe.synth.shaped import shaped_checkpoint
+
+        m = cfg.model
+        return shaped_checkpoint(m.layers or 4, m.experts_per_token or 10, m.bits,
+                                 m.vocab_size or 248320, m.num_experts or 512,
+                                 cache_dir=m.path)
+    from flashmoe.synth.demo import demo_checkpoint
+
+    return demo_checkpoint()
+
+
+def engine_options(cfg: DictConfig, **extra: Any) -> EngineOptions:
+    return EngineOptions(
+        experts_per_token=cfg.model.experts_per_token, io_split=cfg.io.split,
+        io_threads=cfg.io.threads, io_retries=cfg.io.retries, cache_policy=cfg.cache.policy,
+        cache_budget_gb=cfg.cache.budget_gb, device=cfg.hardware.device,
+        dtype=cfg.hardware.dtype, **extra)
+
+
+async def open_engine(cfg: DictConfig, **extra: Any) -> Engine:
+    """Validate config against the checkpoint, then open the streaming engine."""
+    path = checkpoint_path(cfg)
+    engine = await Engine.open(path, engine_options(cfg, **extra))
+    try:
+        validate(cfg, num_experts=engine.num_experts, max_context=max_context(engine))
+    except BaseException:
+        await engine.aclose()
+        raise
+    return engine
+
+
+def max_context(engine: Engine) -> int | None:
+    cfg = engine.resident.config
+    return (cfg.get("text_config", cfg)).get("max_position_embeddings")
+
+
+def run_summary(cfg: DictConfig, engine: Engine | None, totals: Totals | None,
+                status: str, **extra: Any) -> dict:
+    """The run_summary event: the key names are a contract (README "Log keys")."""
+    out: dict[str, Any] = {
+        "status": status, "hardware": cfg.hardware.name, "io_split": cfg.io.split,
+        "io_threads": cfg.io.threads, "cache_policy": cfg.cache.policy,
+        "experts_per_token": engine.k if engine else cfg.model.experts_per_token,
+        "peak_rss_gb": round(peak_rss_gb(), 3),
+    }
+    if engine is not None and totals is not None:
+        out.update(token_figures(totals))
+        hits, misses = engine.cache_stats()
+        out["cache_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else 0.0
+        out["model_path"] = str(engine.path)
+        out["model_type"] = engine.resident.config.get("model_type")
+        out["slot_gb"] = round(engine.slot_bytes / 1e9, 3)
+    out.update(extra)
+    return out
+
+
+def token_figures(t: Totals) -> dict:
+    """tok/s over decode steps; TTFT is the prompt pass plus the first sample."""
+    decode = t.steps[1:] if t.steps else []
+    n = max(t.decode_tokens, 1)
+    fetch_ms = sum(s.expert_fetch_ms for s in decode)
+    read = sum(s.bytes_read for s in decode)
+    per_tok = [sum(s.as_dict()[k] for k in STAGE_KEYS) for s in decode]
+    return {
+        "tok_s": round(t.decode_tokens / t.decode_s, 3) if t.decode_s else 0.0,
+        "ttft_s": round(t.prompt_s, 4),
+        "prompt_tokens": t.prompt_tokens,
+        "generated_tokens": t.decode_tokens + (1 if t.prompt_tokens else 0),
+        "prompt_tok_s": round(t.prompt_tokens / t.prompt_s, 3) if t.prompt_s else 0.0,
+        "expert_io_ms_per_token": round(fetch_ms / n, 3),
+        "expert_gb_per_token": round(read / n / 1e9, 6),
+        "expert_gb_total": round(sum(s.bytes_read for s in t.steps) / 1e9, 6),
+        "fetch_gbps": round(read / 1e6 / fetch_ms, 3) if fetch_ms else 0.0,
+        "median_token_ms": round(statistics.median(per_tok), 3) if per_tok else 0.0,
+    }
+
+
+STAGE_KEYS = ("attention_ms", "router_ms", "expert_fetch_ms", "expert_compute_ms", "sampling_ms")
