@@ -57,7 +57,8 @@ def main(cfg: DictConfig) -> int:
             engine = state.get("engine")
             summary = run_summary(cfg, engine, engine.totals if engine else None, status)
         log.info("run_summary", **summary)
-        _print_summary(summary, run_dir)
+        if status != "error":  # an error's one line is the cause, printed above
+            _print_summary(summary, run_dir)
         close_logging()
     return code
 

@@ -195,3 +195,33 @@ def test_demo_checkpoint_builds_and_loads(tmp_path, monkeypatch, capfd):
     model, tok = load_f32(path)
     logits = model(mx.array([tok.encode("Hello there")]))
     assert mx.isfinite(logits).all().item() and logits.shape[-1] == len(tok.vocab) == 4096
+
+
+def test_shaped_checkpoint_goes_through_cache(tmp_path):
+    from flashmoe.synth.shaped import shaped_checkpoint
+
+    path = shaped_checkpoint(1, 2, 4, 1024, num_experts=4, cache_dir=tmp_path, progress=False)
+    assert path.parent == tmp_path and path.name.startswith("shaped-")
+    assert json.loads((path / MARKER).read_text())["params"]["layers"] == 1
+    assert shaped_checkpoint(1, 2, 4, 1024, num_experts=4, cache_dir=tmp_path) == path
+
+
+def test_cache_concurrent_builders_build_once(tmp_path):
+    import threading
+    import time
+
+    calls = []
+
+    def builder(p: Path) -> None:
+        calls.append(p)
+        time.sleep(0.2)  # long enough for the other thread to queue on the lock
+        p.mkdir()
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        cached_checkpoint("toy", {"c": 1}, builder, cache_dir=tmp_path))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results[0] == results[1]

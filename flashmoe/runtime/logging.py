@@ -77,9 +77,19 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+# Events the app already tells the person in its own words (one line per error).
+SILENT_ON_CONSOLE = frozenset({"run_failed"})
+
+
+def _not_silent(record: logging.LogRecord) -> bool:
+    msg = record.msg
+    return not (isinstance(msg, dict) and msg.get("event") in SILENT_ON_CONSOLE)
+
+
 def _console_handler(level: int) -> logging.Handler:
     handler = _StderrHandler()
     handler.setLevel(level)
+    handler.addFilter(_not_silent)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_shared_processors(),
         processors=[

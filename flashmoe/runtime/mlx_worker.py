@@ -15,7 +15,9 @@ class MlxWorker:
     """Runs `fn` in a dedicated thread and evaluates what it returns before handing it back."""
 
     def __init__(self, device: str = "cpu") -> None:
-        self.device = device
+        # a profile asking for a GPU on a CPU-only MLX build runs on the CPU (and says so)
+        self.requested = device
+        self.device = "gpu" if device == "gpu" and mx.is_available(mx.gpu) else "cpu"
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flashmoe-mlx",
                                         initializer=self._init_thread)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ def validate(dims: Qwen35Dims, bits: int, group_size: int) -> None:
     if dims.vocab_size < 512:
         raise ConfigError(f"vocab_size={dims.vocab_size} must be at least 512 (the byte-level "
                           "BPE needs 256 byte tokens plus merges)")
+    if dims.linear_v_heads % dims.linear_k_heads:
+        raise ConfigError(f"linear_v_heads={dims.linear_v_heads} must be a multiple of "
+                          f"linear_k_heads={dims.linear_k_heads} (Gated DeltaNet groups)")
     ins = (dims.hidden, dims.moe_intermediate, dims.shared_intermediate,
            dims.num_heads * dims.head_dim, dims.linear_v_heads * dims.linear_v_dim)
     if any(n % group_size or n % 64 for n in ins):
@@ -194,7 +198,9 @@ def pad_tokenizer(path: Path, vocab_size: int, seed: int = 0) -> None:
     file = Path(path) / "tokenizer.json"
     tok = json.loads(file.read_text())
     vocab: dict[str, int] = tok["model"]["vocab"]
-    base = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in SPECIAL]
+    ordered = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in SPECIAL]
+    words = [t for t in ordered if re.fullmatch(r"Ġ?[A-Za-z]+", t)]  # Ġ is byte-level space
+    base = words if len(words) >= 64 else ordered
     rng, used, next_id = np.random.default_rng(seed), set(vocab), len(vocab)
     assert sorted(vocab.values()) == list(range(len(vocab))), "ids must be dense"
     while next_id < vocab_size:

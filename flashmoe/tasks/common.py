@@ -56,6 +56,13 @@ async def open_engine(cfg: DictConfig, **extra: Any) -> Engine:
     return engine
 
 
+def warn_device(engine: Engine, log: Any) -> None:
+    w = engine.worker
+    if w.requested != w.device:
+        log.warning("device_unavailable", requested=w.requested, using=w.device,
+                    hint="this MLX build has no GPU backend; running on the CPU")
+
+
 def max_context(engine: Engine) -> int | None:
     cfg = engine.resident.config
     return (cfg.get("text_config", cfg)).get("max_position_embeddings")
@@ -69,6 +76,7 @@ def run_summary(cfg: DictConfig, engine: Engine | None, totals: Totals | None,
         "io_threads": cfg.io.threads, "cache_policy": cfg.cache.policy,
         "experts_per_token": engine.k if engine else cfg.model.experts_per_token,
         "peak_rss_gb": round(peak_rss_gb(), 3),
+        "device": engine.worker.device if engine else cfg.hardware.device,
     }
     if engine is not None and totals is not None:
         out.update(token_figures(totals))

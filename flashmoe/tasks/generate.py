@@ -10,12 +10,14 @@ from omegaconf import DictConfig
 from flashmoe.config import model_kind
 from flashmoe.errors import ConfigError
 from flashmoe.stages.sampling import make_sampler
-from flashmoe.tasks.common import SYNTHETIC_NOTE, max_context, open_engine, run_summary
+from flashmoe.tasks.common import (SYNTHETIC_NOTE, max_context, open_engine, run_summary,
+                                   warn_device)
 
 
 async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     """Generate; `state` lets the caller summarise an interrupted run."""
     engine = state["engine"] = await open_engine(cfg)
+    warn_device(engine, log)
     prompt = engine.encode(cfg.prompt, chat=cfg.chat)
     limit = max_context(engine)
     if limit and len(prompt) + cfg.max_tokens > limit:
