@@ -97,6 +97,9 @@ class PplTask(TaskConfig):
     context: int = 512
     stride: int = 512
     reference: str = "none"  # none | mlx_lm
+    k_reference: str = "full"  # full: mlx-lm at the model's own K | same: at the engine's K
+    reference_path: Optional[str] = None  # None: the engine's checkpoint; else another (dense)
+    max_windows: Optional[int] = None  # None: every window of `data`
 
 
 @dataclass
@@ -151,6 +154,7 @@ DEVICES = ("cpu", "gpu")
 DTYPES = ("float32", "bfloat16", "float16")
 POLICIES = ("none", "lru", "lfu")
 BASELINES = ("none", "mlx_lm")
+K_REFERENCES = ("full", "same")
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 
@@ -256,6 +260,8 @@ def _validate_task(cfg: DictConfig, max_context: Optional[int]) -> None:
             _between(cfg, "task.context", 2, max_context)
         _between(cfg, "task.stride", 1, task.context)
         _one_of(cfg, "task.reference", BASELINES)
+        _one_of(cfg, "task.k_reference", K_REFERENCES)
+        _at_least(cfg, "task.max_windows", 1)
     elif task.name in ("requant", "convert"):
         _one_of(cfg, "task.bits", BITS)
         _one_of(cfg, "task.group_size", GROUP_SIZES)

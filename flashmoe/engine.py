@@ -94,7 +94,8 @@ class Engine:
         index = CheckpointIndex.open(path)
         worker = MlxWorker(options.device)
         try:
-            resident = await worker.build(load_resident, path, index)
+            resident = await worker.build(load_resident, path, index,
+                                          DTYPES.get(options.dtype) if options.dtype else None)
             engine = cls(path, options, worker, index, resident)
         except BaseException:
             worker.close()
@@ -114,14 +115,18 @@ class Engine:
         budget = self.options.cache_budget_gb
         for sig, layers in groups.items():
             spec = self.resident.experts[layers[0]]
-            n = 2 * self.k if budget is None else int(budget * 1e9 / len(groups) // spec.expert_nbytes)
+            if budget is None or self.options.cache_policy == "none":
+                n = 2 * self.k  # no app cache: double-buffered slots, the OS caches pages
+            else:
+                n = int(budget * 1e9 / len(groups) // spec.expert_nbytes)
             if n < self.k:
                 need = self.k * spec.expert_nbytes * len(groups) / 1e9
                 raise ConfigError(
                     f"cache.budget_gb={budget} holds {n} experts of {spec.expert_nbytes / 1e6:.2f} MB "
                     f"but one layer needs {self.k} (experts_per_token); use at least {need:.3f}")
             n = min(n, self.num_experts * len(layers))
-            pool = SlotPool(spec, n, self.options.cache_policy)
+            pool = SlotPool(spec, n, self.options.cache_policy,
+                            upcast=self.options.dtype == "float32")
             pools.update({i: pool for i in layers})
         return pools
 
@@ -179,6 +184,11 @@ class Engine:
         else:
             t.decode_tokens, t.decode_s = t.decode_tokens + 1, t.decode_s + dt
         t.steps.append(stats)
+
+    def reset_cache(self) -> None:
+        """Empty the expert cache (slots), e.g. before a cold measurement."""
+        for pool in {id(p): p for p in self.pools.values()}.values():
+            pool.clear()
 
     def cache_stats(self) -> tuple[int, int]:
         pools = {id(p): p for p in self.pools.values()}.values()

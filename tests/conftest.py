@@ -16,11 +16,12 @@ def tiny(tmp_path_factory):
     built: dict[tuple, Path] = {}
     root = tmp_path_factory.mktemp("ckpt")
 
-    def make(family: str = "qwen3_5_moe", bits: int = 4, **overrides) -> Path:
-        key = (family, bits, tuple(sorted(overrides.items())))
+    def make(family: str = "qwen3_5_moe", bits: int = 4, dtype=None, **overrides) -> Path:
+        key = (family, bits, str(dtype), tuple(sorted(overrides.items())))
         if key not in built:
             path = root / f"{family}-b{bits}-{len(built)}"
-            built[key] = build_tiny(path, family, bits=bits, overrides=overrides or None)
+            extra = {"dtype": dtype} if dtype is not None else {}
+            built[key] = build_tiny(path, family, bits=bits, overrides=overrides or None, **extra)
         return built[key]
 
     return make

@@ -58,3 +58,16 @@ async def test_prompt_union_far_larger_than_slot_pool(tiny):
     assert max(p.n for p in engine.pools.values()) == 4
     assert engine.totals.steps[0].chunks >= 4 * 3  # ≥ 4 chunks in each of the layers
     assert_same(ref, got)
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+async def test_parity_bf16_checkpoint(tiny, dtype):
+    """bf16 weights as mlx-community ships them: as-is, and with f32 activations (upcast)."""
+    import mlx.core as mx
+
+    path = tiny("qwen3_5_moe", dtype=mx.bfloat16)
+    ref = mlx_lm_greedy(path, PROMPTS[20], 16, upcast=dtype == "float32")
+    got = await flashmoe_greedy(path, PROMPTS[20], 16, io_split=2, dtype=dtype)
+    assert got[0] == ref[0]
+    rel = np.abs(got[1] - ref[1]).max() / np.abs(ref[1]).max()
+    assert rel < (1e-3 if dtype else 2e-2), rel  # bf16 logits carry ~3 significant digits

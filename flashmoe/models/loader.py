@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map
 
 from flashmoe.errors import CheckpointError
 from flashmoe.models import Family, family_for
@@ -33,7 +34,7 @@ class Resident:
     experts_per_token: int
 
 
-def load_resident(path: Path, index: CheckpointIndex) -> Resident:
+def load_resident(path: Path, index: CheckpointIndex, dtype: mx.Dtype | None = None) -> Resident:
     """mlx_lm.utils.load_model(lazy) then drop the expert stacks before anything is read.
 
     Must run in the MLX thread. The lazy expert arrays are released unevaluated, so their
@@ -60,6 +61,9 @@ def load_resident(path: Path, index: CheckpointIndex) -> Resident:
                                   "streams quantized experts (convert with mlx_lm.convert -q)")
         experts[i] = layer_experts(index.tensors, family.expert_prefix(model, i), i, quant)
         block.switch_mlp = StreamedExperts(glu.activation)
+    if dtype is not None and dtype == mx.float32:  # f32 activations: widen bf16/f16 params once, not per call
+        model.update(tree_map(lambda p: p.astype(mx.float32)
+                              if p.dtype in (mx.bfloat16, mx.float16) else p, model.parameters()))
     mx.eval(model.parameters())
     return Resident(model, config, family, experts, family.num_experts(config),
                     family.experts_per_token(config))

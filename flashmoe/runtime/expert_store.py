@@ -16,12 +16,9 @@ from flashmoe.runtime.safetensors_index import TensorInfo
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 FIELDS = ("weight", "scales", "biases")
-# safetensors dtype → (storage dtype the slot holds, dtype the kernel sees)
-STORAGE = {
-    "U32": (mx.uint32, mx.uint32), "U8": (mx.uint8, mx.uint8),
-    "BF16": (mx.uint16, mx.bfloat16), "F16": (mx.float16, mx.float16),
-    "F32": (mx.float32, mx.float32),
-}
+# safetensors dtype → the dtype a slot holds it in (bytes land unchanged)
+STORAGE = {"U32": mx.uint32, "U8": mx.uint8, "BF16": mx.bfloat16, "F16": mx.float16,
+           "F32": mx.float32}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +27,6 @@ class PartSpec:
 
     key: str
     shape: tuple[int, ...]
-    storage: mx.Dtype
     dtype: mx.Dtype
     nbytes: int
 
@@ -114,8 +110,7 @@ def layer_experts(tensors: dict[str, TensorInfo], prefix: str, layer: int,
             if t.shape[0] != num_experts:
                 raise CheckpointError(f"{t.file}: tensor {name} stacks {t.shape[0]} experts but "
                                       f"the layer's other expert tensors stack {num_experts}")
-            storage, dtype = STORAGE[t.dtype]
-            parts.append(PartSpec(f"{proj}.{field}", t.shape[1:], storage, dtype,
+            parts.append(PartSpec(f"{proj}.{field}", t.shape[1:], STORAGE[t.dtype],
                                   t.nbytes // t.shape[0]))
             infos.append(t)
     return LayerExperts(layer, num_experts, tuple(parts), tuple(infos), quant)

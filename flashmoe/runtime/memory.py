@@ -16,7 +16,16 @@ GIB = float(1 << 30)
 
 
 def peak_rss_gb() -> float:
-    """Peak resident set size of this process since it started (getrusage ru_maxrss)."""
+    """Peak resident set size of this process since it started.
+
+    Linux: VmHWM, because ru_maxrss keeps the parent's peak across fork+exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kilobytes, macOS bytes.
     return peak / GIB if sys.platform == "darwin" else peak * 1024 / GIB

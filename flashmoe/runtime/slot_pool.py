@@ -25,34 +25,65 @@ class SlotGrant:
     misses: tuple[tuple[int, int], ...]  # (expert, slot) to fetch
 
 
-class SlotArrays:
-    """[n, ...] storage arrays per expert part, plus writable byte views of each slot."""
+def _bf16_to_f32(src: np.ndarray, dst: np.ndarray) -> None:
+    """Exact: a bf16 is the top half of the f32 with the same value."""
+    dst.view(np.uint32)[:] = src.view(np.uint16).astype(np.uint32) << 16
 
-    def __init__(self, spec: LayerExperts, n: int) -> None:
+
+def _f16_to_f32(src: np.ndarray, dst: np.ndarray) -> None:
+    dst.view(np.float32)[:] = src.view(np.float16)
+
+
+UPCAST = {mx.bfloat16: _bf16_to_f32, mx.float16: _f16_to_f32}
+
+
+class SlotArrays:
+    """[n, ...] arrays per expert part in the kernel's dtype, plus writable byte views.
+
+    With `upcast` (f32 activations), bf16/f16 scales and biases are read into a staging
+    buffer and widened into f32 slots, so no kernel call converts a whole slot stack."""
+
+    def __init__(self, spec: LayerExperts, n: int, upcast: bool = False) -> None:
         self.parts = spec.parts
-        self.arrays = {p.key: mx.zeros((n, *p.shape), dtype=p.storage) for p in spec.parts}
+        self._convert = [UPCAST.get(p.dtype) if upcast else None for p in spec.parts]
+        dtypes = [mx.float32 if c else p.dtype for p, c in zip(spec.parts, self._convert)]
+        self.arrays = {p.key: mx.zeros((n, *p.shape), dtype=d) for p, d in zip(spec.parts, dtypes)}
         mx.eval(list(self.arrays.values()))
-        # zero-copy: numpy views over MLX memory; preads land directly in the arrays
-        self._bytes = [np.asarray(memoryview(self.arrays[p.key])).reshape(n, -1).view(np.uint8)
-                       for p in spec.parts]
+        # zero-copy: byte views over MLX memory (cast("B") also works for bfloat16, which
+        # numpy cannot name); preads land directly in the arrays the kernels read
+        self._bytes = [np.frombuffer(memoryview(self.arrays[p.key]).cast("B"), dtype=np.uint8)
+                       .reshape(n, -1) for p in spec.parts]
+        self._staging = [np.zeros((n, p.nbytes), dtype=np.uint8) if c else None
+                         for p, c in zip(spec.parts, self._convert)]
 
     def views(self, slot: int) -> list[np.ndarray]:
-        return [b[slot] for b in self._bytes]
+        """Where each part's file bytes should land for `slot`."""
+        return [b[slot] if st is None else st[slot] for b, st in zip(self._bytes, self._staging)]
+
+    def finish(self, slot: int) -> None:
+        """After the reads of `slot`: widen staged parts into their f32 slots."""
+        for conv, st, b in zip(self._convert, self._staging, self._bytes):
+            if conv is not None:
+                conv(st[slot], b[slot])
+
+    @property
+    def nbytes(self) -> int:
+        extra = sum(st.nbytes for st in self._staging if st is not None)
+        return sum(a.nbytes for a in self.arrays.values()) + extra
 
     def weights(self) -> dict[str, mx.array]:
-        """Arrays as the kernel wants them (bf16 parts are stored as uint16)."""
-        return {p.key: (a if p.storage == p.dtype else a.view(p.dtype))
-                for p, a in zip(self.parts, self.arrays.values())}
+        return self.arrays
 
 
 class SlotPool:
     """`n` slots shared by layers with one signature; maps (layer, expert) to slots."""
 
-    def __init__(self, spec: LayerExperts, n: int, policy: str = "lru") -> None:
+    def __init__(self, spec: LayerExperts, n: int, policy: str = "lru",
+                 upcast: bool = False) -> None:
         if policy not in POLICIES:
             raise ConfigError(f"cache.policy={policy} must be one of {', '.join(POLICIES)}")
         self.n, self.policy = n, policy
-        self.store = SlotArrays(spec, n)
+        self.store = SlotArrays(spec, n, upcast)
         self._owner: list[tuple[int, int] | None] = [None] * n
         self._table: dict[tuple[int, int], int] = {}
         self._pins = [0] * n
@@ -62,10 +93,16 @@ class SlotPool:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.store.arrays.values())
+        return self.store.nbytes
 
     def free_slots(self) -> int:
         return sum(1 for p in self._pins if p == 0)
+
+    def clear(self) -> None:
+        """Forget every cached expert (a cold start); counters keep running."""
+        for s in range(self.n):
+            if self._pins[s] == 0:
+                self._forget(s)
 
     def cached(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._table

@@ -10,6 +10,8 @@ from flashmoe.stages.messages import Fetched, StepStats
 class ExpertFetchStage:
     def __init__(self, store: ExpertStore, pools: dict[int, SlotPool], io: IOPool) -> None:
         self.store, self.pools, self.io = store, pools, io
+        self.trace: list[list[tuple[int, int, int]]] | None = None  # bench: what was read
+        self.skip_reads = False  # bench only: time compute alone (slots hold stale bytes)
 
     def plan(self, layer: int, experts: tuple[int, ...]) -> list[list[int]]:
         """Split a layer's expert union into chunks that fit the free slots.
@@ -30,11 +32,18 @@ class ExpertFetchStage:
             for part, rng, view in zip(parts, self.store.ranges(layer, e), pool.store.views(s)):
                 jobs.append(ReadJob(self.store.fds[rng.file_id], rng.offset, view,
                                     f"layer {layer} expert {e} {part.key}"))
+        if self.trace is not None and jobs:
+            self.trace.append([(j.fd, j.offset, j.dest.nbytes) for j in jobs])
+        if self.skip_reads:
+            jobs = []
         try:
             nbytes, ms = await self.io.read(jobs)
         except BaseException:
             pool.release(grant, valid=False)  # never leave half-read bytes marked cached
             raise
+        if not self.skip_reads:
+            for _, s in grant.misses:
+                pool.store.finish(s)
         stats.expert_fetch_ms += ms
         stats.bytes_read += nbytes
         stats.experts_fetched += len(grant.misses)

@@ -4,7 +4,9 @@ Used by the tests (parity against mlx-lm) and as the smallest possible demo.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
 import json
 from pathlib import Path
 from typing import Any
@@ -109,9 +111,10 @@ def build_tiny(
     model_cls, args_cls = _get_classes(config)
     model = model_cls(args_cls.from_dict(config))
     _randomize(model, dtype)
-    model, config = quantize_model(
-        model, config, group_size, bits, quant_predicate=_router_predicate
-    )
+    with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints "[INFO] Quantized…"
+        model, config = quantize_model(
+            model, config, group_size, bits, quant_predicate=_router_predicate
+        )
     save_model(path, model)
     config["eos_token_id"] = _eos_id(path)
     save_config(config, path / "config.json")

@@ -1,0 +1,133 @@
+"""task=bench: fixed prompt, warm-up, N decode tokens × repeats; medians, raw-disk probe,
+overlap ratio and an optional mlx-lm side-by-side, all in the run_summary."""
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from omegaconf import DictConfig
+from rich.progress import Progress
+
+from flashmoe.engine import Engine, Totals
+from flashmoe.runtime.baseline import run_baseline
+from flashmoe.runtime.probe import drop_page_cache, probe
+from flashmoe.tasks.common import (STAGE_KEYS, SYNTHETIC_NOTE, open_engine, run_summary,
+                                   token_figures, warn_device)
+from flashmoe.config import model_kind
+
+
+async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
+    t = cfg.task
+    engine = state["engine"] = await open_engine(cfg)
+    warn_device(engine, log)
+    prompt = engine.encode(t.prompt)
+    if t.warmup:
+        await _decode(engine, prompt, t.warmup, log=None)
+    reps, trace = [], []
+    for r in range(t.repeats):
+        rep, rep_trace = await _measured(engine, prompt, t.tokens, t.cold, log, r)
+        reps.append(rep)
+        trace += rep_trace
+    extra = _medians(reps)
+    read_bytes = sum(r["decode_bytes"] for r in reps)
+    read_ms = sum(r["decode_fetch_ms"] for r in reps)
+    extra["fetch_gbps"] = round(read_bytes / 1e6 / read_ms, 3) if read_ms else 0.0
+    extra["probe_tokens"] = sum(r["generated_tokens"] - 1 for r in reps) or 1
+    extra.update(_probe(engine, trace, cfg, extra))
+    extra.update(await _overlap(engine, prompt, t.tokens, extra))
+    if t.baseline == "mlx_lm":
+        extra.update(_baseline(engine, prompt, t.tokens, cfg, extra))
+    extra.update(bench_cold=t.cold, bench_tokens=t.tokens, repeats=t.repeats)
+    if model_kind(cfg.model) in ("demo", "synth"):
+        extra["note"] = SYNTHETIC_NOTE
+    engine.totals = Totals()  # the summary figures are the medians above
+    out = run_summary(cfg, engine, None, "ok")
+    out.update(extra)
+    return out
+
+
+async def _decode(engine: Engine, prompt: list[int], n: int, log: Any,
+                  progress: Progress | None = None, task_id: Any = None) -> int:
+    """Generate n tokens (no stop token: a bench always runs its full length)."""
+    first_trace = 0
+    async for ev in engine.generate(prompt, n):
+        if ev.position == len(prompt) and engine.pipeline.fetch.trace is not None:
+            first_trace = len(engine.pipeline.fetch.trace)  # reads of the prompt pass
+        if log is not None:
+            log.info("token_sampled", token_id=ev.token_id, position=ev.position, **ev.stats)
+        if progress is not None:
+            progress.advance(task_id)
+    return first_trace
+
+
+async def _measured(engine: Engine, prompt: list[int], n: int, cold: bool, log: Any,
+                    rep: int) -> tuple[dict, list]:
+    if cold:
+        engine.reset_cache()
+        drop_page_cache(engine.store.files)
+    engine.totals, engine.pipeline.fetch.trace = Totals(), []
+    with Progress(transient=True) as bar:  # rich writes to stderr when stdout is text
+        tid = bar.add_task(f"bench repeat {rep + 1}", total=n)
+        skip = await _decode(engine, prompt, n, log, bar, tid)
+    rep_figs = token_figures(engine.totals)
+    rep_figs["decode_bytes"] = sum(s.bytes_read for s in engine.totals.steps[1:])
+    rep_figs["decode_fetch_ms"] = sum(s.expert_fetch_ms for s in engine.totals.steps[1:])
+    hits = sum(s.experts_hit for s in engine.totals.steps[1:])
+    fetched = sum(s.experts_fetched for s in engine.totals.steps[1:])
+    rep_figs["cache_hit_rate"] = round(hits / (hits + fetched), 4) if hits + fetched else 0.0
+    decode_trace = engine.pipeline.fetch.trace[skip:]
+    engine.pipeline.fetch.trace = None
+    log.info("bench_repeat", repeat=rep, **rep_figs)
+    return rep_figs, decode_trace
+
+
+def _medians(reps: list[dict]) -> dict:
+    keys = [k for k, v in reps[0].items() if isinstance(v, (int, float))]
+    return {k: round(statistics.median(r[k] for r in reps), 4) for k in keys}
+
+
+def _probe(engine: Engine, trace: list, cfg: DictConfig, figs: dict) -> dict:
+    """Raw preads of the same decode-step ranges, same order, same io.threads."""
+    if not trace:
+        return {"probe_gbps": 0.0, "fetch_vs_probe": 0.0, "probe_note": "no expert reads to probe"}
+    if cfg.task.cold:
+        drop_page_cache(engine.store.files)
+    res = probe(trace, cfg.io.threads)
+    gbps = res.gbps
+    return {"probe_gbps": round(gbps, 3),
+            "fetch_vs_probe": round(figs["fetch_gbps"] / gbps, 4) if gbps else 0.0,
+            "probe_ms_per_token": round(res.seconds * 1e3 / figs["probe_tokens"], 3)}
+
+
+async def _overlap(engine: Engine, prompt: list[int], n: int, figs: dict) -> dict:
+    """Compute alone (reads skipped, stale slots) vs reads alone (the probe) vs both."""
+    engine.reset_cache()
+    engine.totals = Totals()
+    engine.pipeline.fetch.skip_reads = True
+    try:
+        await _decode(engine, prompt, n, log=None)
+    finally:
+        engine.pipeline.fetch.skip_reads = False
+        engine.reset_cache()  # those slots hold stale bytes: never serve them
+    compute = [sum(s.as_dict()[k] for k in STAGE_KEYS) for s in engine.totals.steps[1:]]
+    compute_ms = statistics.median(compute) if compute else 0.0
+    read_ms = figs.get("probe_ms_per_token", 0.0)
+    token_ms = figs["median_token_ms"]
+    alone = max(compute_ms, read_ms)
+    return {"compute_ms_per_token": round(compute_ms, 3),
+            "overlap_ratio": round(token_ms / alone, 4) if alone else 0.0}
+
+
+def _baseline(engine: Engine, prompt: list[int], n: int, cfg: DictConfig, figs: dict) -> dict:
+    size_gb = sum(f.stat().st_size for f in engine.path.glob("*.safetensors")) / 2**30
+    limit = cfg.hardware.memory_gb if size_gb > cfg.hardware.memory_gb else None
+    res = run_baseline(engine.path, prompt, n, cfg.hardware.dtype, limit_gb=limit)
+    out = {"baseline": "mlx_lm", "baseline_status": res["status"], "baseline_limit": res["limit"],
+           "checkpoint_gb": round(size_gb, 3)}
+    if res["status"] == "ok":
+        out.update(baseline_tok_s=round(res["tok_s"], 3),
+                   baseline_peak_rss_gb=round(res["peak_rss_gb"], 3),
+                   vs_baseline=round(figs["tok_s"] / res["tok_s"], 4) if res["tok_s"] else 0.0)
+    else:
+        out["baseline_error"] = res.get("error", res["status"])
+    return out
