@@ -1,6 +1,7 @@
 """Resident mlx-lm as the reference: greedy tokens and last-position logits."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,6 +31,7 @@ async def flashmoe_greedy(path: Path, prompt: list[int], n: int, **opts):
     """flashmoe's streaming engine on the same checkpoint."""
     from flashmoe.engine import Engine, EngineOptions
 
+    opts.setdefault("device", os.environ.get("FLASHMOE_TEST_DEVICE", "cpu"))
     engine = await Engine.open(path, EngineOptions(**opts), tokenizer=False)
     try:
         last = (await engine.logits(prompt))[-1]
