@@ -39,7 +39,7 @@ async def test_fetched_slots_match_mlx_lm_tensors(tiny, split):
 
 
 @pytest.mark.parametrize("offset", [0, 1, 4095, 4096, 12345])
-@pytest.mark.parametrize("size", [1, 4096, 10_000, 65_537])
+@pytest.mark.parametrize("size", [1, 4096, 10_000, 65_537, 1_000_003])
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8])
 def test_split_covers_range_exactly_with_page_aligned_cuts(offset, size, n):
     dest = np.zeros(size, dtype=np.uint8)

@@ -34,10 +34,14 @@ class MlxWorker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args))
 
-    async def numpy(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Evaluate fn(*args) -> (array, *rest); return (np.ndarray, *rest) with rest evaluated."""
+    async def numpy(self, fn: Callable[..., Any], *args: Any,
+                    background: Callable[[], Any] | None = None) -> Any:
+        """Evaluate fn(*args) -> (array, *rest); return (np.ndarray, *rest) with rest evaluated.
+
+        `background()` is then built and started asynchronously in the same trip; its
+        result is appended to the returned tuple."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._to_numpy, fn, args)
+        return await loop.run_in_executor(self._pool, self._to_numpy, fn, args, background)
 
     async def start(self, fn: Callable[..., T], *args: Any) -> T:
         """Build and start evaluating asynchronously (mx.async_eval); returns at once."""
@@ -55,10 +59,16 @@ class MlxWorker:
         return out
 
     @staticmethod
-    def _to_numpy(fn: Callable[..., Any], args: tuple) -> Any:
+    def _to_numpy(fn: Callable[..., Any], args: tuple, background: Callable | None) -> Any:
         first, *rest = fn(*args)
         mx.eval(first, *rest)
-        return (np.array(first), *rest)
+        out = (np.array(first), *rest)
+        if background is not None:
+            later = background()
+            if later is not None:
+                mx.async_eval(later)
+            out = (*out, later)
+        return out
 
     @staticmethod
     def _async_eval(fn: Callable[..., T], args: tuple) -> T:

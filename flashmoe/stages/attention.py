@@ -18,8 +18,9 @@ class AttentionStage:
 
     async def __call__(self, index: int, layer: nn.Module, x: mx.array, mask: Any, cache: Any,
                        stats: StepStats) -> Attended:
+        # built, not evaluated: the router's evaluation runs it in the same device trip
         t0 = time.perf_counter()
-        h, xn = await self.worker.run(self._build, layer, x, mask, cache)
+        h, xn = await self.worker.build(self._build, layer, x, mask, cache)
         stats.attention_ms += (time.perf_counter() - t0) * 1e3
         return Attended(index, h, xn)
 

@@ -21,11 +21,13 @@ class ExpertComputeStage:
 
     async def whole(self, att: Attended, routed: Routed, fetched: Fetched,
                     activation: Callable, stats: StepStats) -> mx.array:
-        """Every routed expert is in this one chunk: one SwitchGLU call, as mlx-lm does."""
+        """Every routed expert is in this one chunk: one SwitchGLU call, as mlx-lm does.
+
+        Returned unevaluated: the caller releases the slots once a later evaluation (the
+        next layer's routing, or the logits) has consumed it."""
         t0 = time.perf_counter()
         slots = _slot_ids(routed.inds, fetched.grant.slots)
-        x = await self.worker.run(self._whole, att, routed, slots, activation)
-        self.pools[att.layer].release(fetched.grant)
+        x = await self.worker.build(self._whole, att, routed, slots, activation)
         stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
         return x
 

@@ -1,6 +1,7 @@
 """The pipeline: attention → router → expert-fetch → expert-compute per layer, then sampling."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import mlx.core as mx
@@ -40,27 +41,42 @@ class Pipeline:
                       all_logits: bool = False) -> mx.array:
         """Logits [1, L, V] (or [1, 1, V] for the last position) for `ids` after `cache`."""
         fam, model = self.r.family, self.r.model
-        x = await self.worker.run(self._embed, ids)
+        x = await self.worker.build(self._embed, ids)
         masks = await self.worker.build(fam.masks, model, x, cache)
-        for i, layer in enumerate(self.layers):
-            att = await self.attention(i, layer, x, masks[i], cache[i], stats)
-            block = fam.moe_block(layer)
-            if block is None:
-                x = await self.worker.run(lambda a=att, l=layer: a.h + fam.dense_mlp(l, a.xn))
-                continue
-            x = await self._experts(att, block, stats)
-        return await self.worker.run(self._head, x, all_logits)
+        self._pending = []  # slot grants whose computation has not been evaluated yet
+        try:
+            for i, layer in enumerate(self.layers):
+                att = await self.attention(i, layer, x, masks[i], cache[i], stats)
+                block = fam.moe_block(layer)
+                if block is None:
+                    x = await self.worker.build(lambda a=att, l=layer: a.h + fam.dense_mlp(l, a.xn))
+                    continue
+                x = await self._experts(att, block, stats)
+            t0 = time.perf_counter()
+            logits = await self.worker.run(self._head, x, all_logits)
+            stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
+            return logits
+        finally:
+            self._release_pending()  # evaluated above, or abandoned on an error
 
     async def sample(self, logits: mx.array, stats: StepStats) -> int:
         return await self.sampling(logits, stats)
 
+    def _release_pending(self) -> None:
+        for pool, grant in self._pending:
+            pool.release(grant)
+        self._pending = []
+
     async def _experts(self, att: Attended, block: nn.Module, stats: StepStats) -> mx.array:
         routed = await self.router(att, block, stats)
+        self._release_pending()  # the routing evaluation consumed the previous layer's slots
         chunks = self.fetch.plan(att.layer, routed.experts)
         act = block.switch_mlp.activation
         if len(chunks) == 1:
             fetched = await self.fetch(att.layer, chunks[0], stats)
-            return await self.compute.whole(att, routed, fetched, act, stats)
+            x = await self.compute.whole(att, routed, fetched, act, stats)
+            self._pending.append((self.fetch.pools[att.layer], fetched.grant))
+            return x
         # the union exceeds the slots: chunk by chunk, each chunk's slots released after use
         stats.chunks += len(chunks)
         y = None

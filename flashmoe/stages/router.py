@@ -16,11 +16,15 @@ class RouterStage:
         self.worker, self.family, self.k = worker, family, k
 
     async def __call__(self, att: Attended, block: nn.Module, stats: StepStats) -> Routed:
+        # one device trip: evaluating the routing also runs this layer's attention (and the
+        # previous layer's experts); the shared expert then starts while experts are read
         t0 = time.perf_counter()
-        inds, scores = await self.worker.numpy(self.family.route, block, att.xn, self.k)
-        # the shared expert does not wait on any read: let it evaluate during the fetch
-        shared = await self.worker.start(self.family.shared, block, att.xn)
-        stats.router_ms += (time.perf_counter() - t0) * 1e3
+        inds, scores, shared = await self.worker.numpy(
+            self.family.route, block, att.xn, self.k,
+            background=lambda: self.family.shared(block, att.xn))
+        t1 = time.perf_counter()
         experts = tuple(int(e) for e in np.unique(inds))
+        stats.attention_ms += (t1 - t0) * 1e3
+        stats.router_ms += (time.perf_counter() - t1) * 1e3
         return Routed(att.layer, inds, scores, experts, shared)
 
