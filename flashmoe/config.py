@@ -52,6 +52,7 @@ class IOConfig:
     direct: bool = False
     verify: bool = False
     retries: int = 3
+    layout: str = "auto"  # auto | original | packed
 
 
 @dataclass
@@ -153,6 +154,7 @@ TASK_SCHEMAS: tuple[type[TaskConfig], ...] = (
 DEVICES = ("cpu", "gpu")
 DTYPES = ("float32", "bfloat16", "float16")
 POLICIES = ("none", "lru", "lfu")
+LAYOUTS = ("auto", "original", "packed")
 BASELINES = ("none", "mlx_lm")
 K_REFERENCES = ("full", "same")
 BITS = (2, 3, 4, 8)
@@ -286,6 +288,7 @@ def validate(cfg: DictConfig, *, num_experts: Optional[int] = None, max_context:
     _between(cfg, "io.split", 1, 64)
     _between(cfg, "io.threads", 1, 256)
     _between(cfg, "io.retries", 0, 100)
+    _one_of(cfg, "io.layout", LAYOUTS)
     _one_of(cfg, "cache.policy", POLICIES)
     _at_least(cfg, "cache.budget_gb", 0)
     if cfg.cache.budget_gb > cfg.hardware.memory_gb:

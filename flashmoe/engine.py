@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from flashmoe.errors import ConfigError
+from flashmoe.errors import CheckpointError, ConfigError
 from flashmoe.models.loader import Resident, load_resident
 from flashmoe.runtime.expert_store import ExpertStore
 from flashmoe.runtime.io_pool import IOPool, Reader
@@ -37,6 +37,9 @@ class EngineOptions:
     io_split: int = 1
     io_threads: int = 4
     io_retries: int = 3
+    io_direct: bool = False  # O_DIRECT reads via aligned bounce buffers (skips the page cache)
+    io_verify: bool = False  # check each read expert's xxh64 (needs the packed layout)
+    layout: str = "auto"  # auto | original | packed (auto: packed when <ckpt>/flashmoe-packed exists)
     cache_policy: str = "lru"
     cache_budget_gb: float | None = None  # None: the minimum, two tokens' worth of slots
     device: str = "cpu"
@@ -76,7 +79,7 @@ class Engine:
         if not 1 <= self.k <= self.num_experts:
             raise ConfigError(f"model.experts_per_token={self.k} must be between 1 and "
                               f"{self.num_experts} (this model's experts per layer)")
-        self.store = ExpertStore(resident.experts)
+        self.store = ExpertStore(resident.experts, self._packed(), direct=options.io_direct)
         self.pools = self._make_pools()
         self.io = IOPool(options.io_threads, options.io_split, options.io_retries,
                          reader=options.reader, on_retry=options.on_io_retry)
@@ -84,7 +87,7 @@ class Engine:
         self.totals = Totals()
         dtype = DTYPES.get(options.dtype) if options.dtype else None
         self.pipeline = Pipeline(resident, worker, self.store, self.pools, self.io, self.k,
-                                 make_sampler(), dtype)
+                                 make_sampler(), dtype, verify=options.io_verify)
 
     @classmethod
     async def open(cls, path: str | Path, options: EngineOptions | None = None,
@@ -105,6 +108,22 @@ class Engine:
 
             engine.tokenizer = load_tokenizer(path)
         return engine
+
+    def _packed(self) -> dict | None:
+        """The packed layout's per-layer blobs, or None to read the original safetensors."""
+        from flashmoe.runtime.packed import DIRNAME, read_manifest
+
+        root, layout = self.path / DIRNAME, self.options.layout
+        if layout not in ("auto", "original", "packed"):
+            raise ConfigError(f"io.layout={layout} must be one of auto, original, packed")
+        use = layout == "packed" or (layout == "auto" and (root / "manifest.json").is_file())
+        if layout == "packed" and not (root / "manifest.json").is_file():
+            raise CheckpointError(f"io.layout=packed but {root}/manifest.json does not exist; "
+                                  "run `python -m flashmoe task=pack model.path=...` first")
+        if self.options.io_verify and not use:
+            raise ConfigError("io.verify=true needs the packed layout, whose manifest carries "
+                              "the checksums; run task=pack first or set io.verify=false")
+        return read_manifest(root, self.resident.experts) if use else None
 
     def _make_pools(self) -> dict[int, SlotPool]:
         """One pool per distinct expert layout, sized by cache.budget_gb."""

@@ -1,8 +1,8 @@
 """mlx-lm resident generation as the side-by-side baseline, in a child process.
 
-A child gives mlx-lm its own peak RSS and lets it run under a memory limit (a cgroup v2
-`memory.max`, which counts page cache too) without risking the parent.
-Run directly: python -m flashmoe.runtime.baseline PATH TOKENS DTYPE PROMPT_IDS_JSON
+A child gives mlx-lm its own peak RSS and lets it run under a memory limit (a memory
+cgroup, which counts page cache too) without risking the parent.
+Run directly: python -m flashmoe.runtime.baseline PATH TOKENS DTYPE PROMPT_IDS_JSON K
 """
 from __future__ import annotations
 
@@ -13,23 +13,25 @@ import sys
 import time
 from pathlib import Path
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+from flashmoe.runtime import cgroup as cgroups
 
 
-def run_baseline(path: Path, prompt: list[int], tokens: int, dtype: str | None,
+
+def run_baseline(path: Path, prompt: list[int], tokens: int, dtype: str | None, k: int,
                  limit_gb: float | None = None, timeout_s: float = 1800) -> dict:
     """{'tok_s', 'peak_rss_gb', 'status', 'limit'}; status is 'ok', 'oom', 'error' or 'timeout'."""
     cmd = [sys.executable, "-m", "flashmoe.runtime.baseline", str(path), str(tokens),
-           dtype or "none", json.dumps(prompt)]
-    cgroup, limit = _make_cgroup(limit_gb) if limit_gb else (None, "none")
+           dtype or "none", json.dumps(prompt), str(k)]
+    cgroup, limit = cgroups.make(f"flashmoe-baseline-{os.getpid()}", limit_gb) if limit_gb \
+        else (None, "none")
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                             preexec_fn=(lambda: _join(cgroup)) if cgroup else None)
+                             preexec_fn=(lambda: cgroups.join(cgroup)) if cgroup else None)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "limit": limit}
     finally:
         if cgroup:
-            _remove(cgroup)
+            cgroups.remove(cgroup)
     if out.returncode != 0:
         killed = out.returncode in (-9, 137)
         return {"status": "oom" if killed else "error", "limit": limit,
@@ -39,29 +41,7 @@ def run_baseline(path: Path, prompt: list[int], tokens: int, dtype: str | None,
     return result
 
 
-def _make_cgroup(limit_gb: float) -> tuple[Path | None, str]:
-    cg = CGROUP_ROOT / f"flashmoe-baseline-{os.getpid()}"
-    try:
-        cg.mkdir(exist_ok=True)
-        (cg / "memory.max").write_text(str(int(limit_gb * 2**30)))
-        (cg / "memory.swap.max").write_text("0") if (cg / "memory.swap.max").exists() else None
-        return cg, f"cgroup memory.max={limit_gb} GiB"
-    except OSError as e:
-        return None, f"none (no writable cgroup v2: {e.strerror})"
-
-
-def _join(cg: Path) -> None:
-    (cg / "cgroup.procs").write_text(str(os.getpid()))
-
-
-def _remove(cg: Path) -> None:
-    try:
-        cg.rmdir()
-    except OSError:
-        pass
-
-
-def _child(path: str, tokens: int, dtype: str, prompt: list[int]) -> dict:
+def _child(path: str, tokens: int, dtype: str, prompt: list[int], k: int) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_map
     from mlx_lm import load
@@ -71,6 +51,11 @@ def _child(path: str, tokens: int, dtype: str, prompt: list[int]) -> dict:
     if dtype == "float32":  # same activation dtype as flashmoe: upcast the bf16 params
         model.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype == mx.bfloat16 else p,
                               model.parameters()))
+    for layer in model.layers:  # the same experts per token as the engine
+        for block in (getattr(layer, "mlp", None), getattr(layer, "block_sparse_moe", None)):
+            for attr in ("top_k", "num_experts_per_tok"):
+                if block is not None and hasattr(block, attr):
+                    setattr(block, attr, k)
     stamps = []
     for _tok, _ in generate_step(mx.array(prompt), model, max_tokens=tokens,
                                  sampler=lambda lp: mx.argmax(lp, axis=-1)):
@@ -94,5 +79,5 @@ def _peak_rss_bytes() -> int:
 
 
 if __name__ == "__main__":
-    p, n, dt, ids = sys.argv[1:5]
-    print(json.dumps(_child(p, int(n), dt, json.loads(ids))))
+    p, n, dt, ids, k = sys.argv[1:6]
+    print(json.dumps(_child(p, int(n), dt, json.loads(ids), int(k))))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from flashmoe.errors import CheckpointError
+from flashmoe.errors import CheckpointError, ConfigError
 from flashmoe.runtime.safetensors_index import TensorInfo
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -59,33 +59,57 @@ class ByteRange:
 
 
 class ExpertStore:
-    """Byte ranges of every (layer, expert); owns the read-only file descriptors."""
+    """Byte ranges of every (layer, expert), in the original safetensors or a packed layout;
+    owns the read-only file descriptors (and O_DIRECT ones when io.direct is on)."""
 
-    def __init__(self, layers: dict[int, LayerExperts], direct: bool = False) -> None:
-        self.layers = layers
-        files = sorted({t.file for le in layers.values() for t in le.tensors})
+    def __init__(self, layers: dict[int, LayerExperts], packed: dict | None = None,
+                 direct: bool = False) -> None:
+        self.layers, self.packed, self.direct = layers, packed, direct
+        if packed:
+            files = sorted({pl.file for pl in packed.values()})
+        else:
+            files = sorted({t.file for le in layers.values() for t in le.tensors})
         self.files: list[Path] = files
+        self.sizes = [f.stat().st_size for f in files]
         self._file_ids = {f: i for i, f in enumerate(files)}
         self.fds = [os.open(f, os.O_RDONLY) for f in files]
-        self.direct = direct
+        self.direct_fds = [_open_direct(f) for f in files] if direct else []
 
     def close(self) -> None:
-        for fd in self.fds:
+        for fd in self.fds + self.direct_fds:
             os.close(fd)
-        self.fds = []
+        self.fds, self.direct_fds = [], []
 
     def ranges(self, layer: int, expert: int) -> list[ByteRange]:
         """The expert's bytes, one range per part, in `parts` order."""
         le = self.layers[layer]
-        out = []
-        for part, t in zip(le.parts, le.tensors):
-            out.append(ByteRange(self._file_ids[t.file], t.start + expert * part.nbytes,
-                                 part.nbytes))
-        return out
+        if self.packed:
+            pl = self.packed[layer]
+            fid, pos = self._file_ids[pl.file], expert * pl.stride
+            out = []
+            for part in le.parts:
+                out.append(ByteRange(fid, pos, part.nbytes))
+                pos += part.nbytes
+            return out
+        return [ByteRange(self._file_ids[t.file], t.start + expert * part.nbytes, part.nbytes)
+                for part, t in zip(le.parts, le.tensors)]
+
+    def checksum(self, layer: int, expert: int) -> str | None:
+        """The packed manifest's xxh64 of the expert's bytes (None without a packed layout)."""
+        return self.packed[layer].checksums[expert] if self.packed else None
 
     @property
     def expert_nbytes(self) -> int:
         return max(le.expert_nbytes for le in self.layers.values())
+
+
+def _open_direct(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        raise ConfigError(f"io.direct=true but {path} cannot be opened with O_DIRECT "
+                          f"({e.strerror}); this filesystem does not support direct I/O, "
+                          "use io.direct=false") from None
 
 
 def layer_experts(tensors: dict[str, TensorInfo], prefix: str, layer: int,

@@ -1,17 +1,24 @@
 """ExpertFetchStage: read the routed experts' bytes from the checkpoint into slots."""
 from __future__ import annotations
 
+import asyncio
+
+from flashmoe.errors import ExpertReadError
+from flashmoe.runtime.direct import Copy, DirectBounce, copy_all
 from flashmoe.runtime.expert_store import ExpertStore
 from flashmoe.runtime.io_pool import IOPool, ReadJob
-from flashmoe.runtime.slot_pool import SlotPool
+from flashmoe.runtime.packed import expert_hash
+from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
 from flashmoe.stages.messages import Fetched, StepStats
 
 
 class ExpertFetchStage:
-    def __init__(self, store: ExpertStore, pools: dict[int, SlotPool], io: IOPool) -> None:
-        self.store, self.pools, self.io = store, pools, io
+    def __init__(self, store: ExpertStore, pools: dict[int, SlotPool], io: IOPool,
+                 verify: bool = False) -> None:
+        self.store, self.pools, self.io, self.verify = store, pools, io, verify
         self.trace: list[list[tuple[int, int, int]]] | None = None  # bench: what was read
         self.skip_reads = False  # bench only: time compute alone (slots hold stale bytes)
+        self._bounce: dict[int, DirectBounce] = {}
 
     def plan(self, layer: int, experts: tuple[int, ...]) -> list[list[int]]:
         """Split a layer's expert union into chunks that fit the free slots.
@@ -26,18 +33,15 @@ class ExpertFetchStage:
     async def __call__(self, layer: int, experts: list[int], stats: StepStats) -> Fetched:
         pool = self.pools[layer]
         grant = pool.grant(layer, experts)
-        jobs = []
-        for e, s in grant.misses:
-            parts = self.store.layers[layer].parts
-            for part, rng, view in zip(parts, self.store.ranges(layer, e), pool.store.views(s)):
-                jobs.append(ReadJob(self.store.fds[rng.file_id], rng.offset, view,
-                                    f"layer {layer} expert {e} {part.key}"))
+        jobs, copies = self._jobs(layer, pool, grant)
         if self.trace is not None and jobs:
             self.trace.append([(j.fd, j.offset, j.dest.nbytes) for j in jobs])
-        if self.skip_reads:
-            jobs = []
         try:
-            nbytes, ms = await self.io.read(jobs)
+            nbytes, ms = await self.io.read([] if self.skip_reads else jobs)
+            if copies and not self.skip_reads:
+                await asyncio.to_thread(copy_all, copies)
+            if self.verify and not self.skip_reads:
+                self._check(layer, pool, grant)
         except BaseException:
             pool.release(grant, valid=False)  # never leave half-read bytes marked cached
             raise
@@ -49,3 +53,38 @@ class ExpertFetchStage:
         stats.experts_fetched += len(grant.misses)
         stats.experts_hit += len(grant.slots) - len(grant.misses)
         return Fetched(layer, grant, nbytes, ms)
+
+    def _jobs(self, layer: int, pool: SlotPool, grant: SlotGrant) -> tuple[list[ReadJob], list[Copy]]:
+        jobs, copies = [], []
+        parts = self.store.layers[layer].parts
+        bounce = self._bounce_for(pool, parts) if self.store.direct else None
+        for e, s in grant.misses:
+            for i, (part, rng, view) in enumerate(zip(parts, self.store.ranges(layer, e),
+                                                      pool.store.views(s))):
+                what = f"layer {layer} expert {e} {part.key} ({self.store.files[rng.file_id].name})"
+                aligned_end = -(-(rng.offset + rng.nbytes) // 4096) * 4096
+                if bounce is not None and aligned_end <= self.store.sizes[rng.file_id]:
+                    job, cp = bounce.job(self.store.direct_fds[rng.file_id], rng.offset, view, s,
+                                         i, what)
+                    jobs.append(job)
+                    copies.append(cp)
+                else:
+                    jobs.append(ReadJob(self.store.fds[rng.file_id], rng.offset, view, what))
+        return jobs, copies
+
+    def _bounce_for(self, pool: SlotPool, parts) -> DirectBounce:
+        key = id(pool)
+        if key not in self._bounce:
+            self._bounce[key] = DirectBounce([p.nbytes for p in parts], pool.n)
+        return self._bounce[key]
+
+    def _check(self, layer: int, pool: SlotPool, grant: SlotGrant) -> None:
+        """io.verify: each read expert must hash to the packed manifest's xxh64."""
+        for e, s in grant.misses:
+            want = self.store.checksum(layer, e)
+            if want is not None and expert_hash(pool.store.views(s)) != want:
+                rng = self.store.ranges(layer, e)[0]
+                raise ExpertReadError(
+                    f"checksum mismatch: layer {layer} expert {e} in "
+                    f"{self.store.files[rng.file_id]} at offset {rng.offset} does not match the "
+                    "packed manifest; the file is corrupt, re-run task=pack")

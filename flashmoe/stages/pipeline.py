@@ -25,7 +25,7 @@ class Pipeline:
 
     def __init__(self, resident: Resident, worker: MlxWorker, store: ExpertStore,
                  pools: dict[int, SlotPool], io: IOPool, k: int, sampler: Sampler,
-                 dtype: mx.Dtype | None = None) -> None:
+                 dtype: mx.Dtype | None = None, verify: bool = False) -> None:
         self.r, self.worker, self.dtype = resident, worker, dtype
         fam = resident.family
         self.layers = fam.layers(resident.model)
@@ -33,7 +33,7 @@ class Pipeline:
                  for i, le in resident.experts.items()}
         self.attention = AttentionStage(worker, fam)
         self.router = RouterStage(worker, fam, k)
-        self.fetch = ExpertFetchStage(store, pools, io)
+        self.fetch = ExpertFetchStage(store, pools, io, verify)
         self.compute = ExpertComputeStage(worker, fam, pools, quant)
         self.sampling = SamplingStage(worker, sampler)
 

@@ -27,10 +27,11 @@ def checkpoint_path(cfg: DictConfig) -> Path:
     if kind == "synth":
         from flashmoe.synth.shaped import shaped_checkpoint
 
+        # the checkpoint keeps the real model's own K (10); model.experts_per_token
+        # lowers it at run time, so K sweeps share one checkpoint
         m = cfg.model
-        return shaped_checkpoint(m.layers or 4, m.experts_per_token or 10, m.bits,
-                                 m.vocab_size or 248320, m.num_experts or 512,
-                                 cache_dir=m.path)
+        return shaped_checkpoint(m.layers or 4, 10, m.bits, m.vocab_size or 248320,
+                                 m.num_experts or 512, cache_dir=m.path)
     from flashmoe.synth.demo import demo_checkpoint
 
     return demo_checkpoint()
@@ -39,7 +40,8 @@ def checkpoint_path(cfg: DictConfig) -> Path:
 def engine_options(cfg: DictConfig, **extra: Any) -> EngineOptions:
     return EngineOptions(
         experts_per_token=cfg.model.experts_per_token, io_split=cfg.io.split,
-        io_threads=cfg.io.threads, io_retries=cfg.io.retries, cache_policy=cfg.cache.policy,
+        io_threads=cfg.io.threads, io_retries=cfg.io.retries, io_direct=cfg.io.direct,
+        io_verify=cfg.io.verify, layout=cfg.io.layout, cache_policy=cfg.cache.policy,
         cache_budget_gb=cfg.cache.budget_gb, device=cfg.hardware.device,
         dtype=cfg.hardware.dtype, **extra)
 

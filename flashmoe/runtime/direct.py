@@ -1,0 +1,36 @@
+"""O_DIRECT reads need aligned offsets, sizes and buffers: read each part's aligned superset
+into a page-aligned bounce buffer, then copy the part's bytes into its slot."""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+from flashmoe.runtime.io_pool import PAGE, ReadJob
+
+Copy = tuple[np.ndarray, np.ndarray]  # (source inside the bounce buffer, destination view)
+
+
+class DirectBounce:
+    """Per slot, one aligned region per expert part (anonymous mmap: page-aligned)."""
+
+    def __init__(self, part_bytes: list[int], n: int) -> None:
+        sizes = [-(-nb // PAGE) * PAGE + PAGE for nb in part_bytes]  # + a page of misalignment
+        self._starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self._sizes = sizes
+        per_slot = sum(sizes)
+        self._mm = mmap.mmap(-1, max(n * per_slot, PAGE))
+        self._buf = np.frombuffer(self._mm, dtype=np.uint8)[: n * per_slot].reshape(n, per_slot)
+
+    def job(self, fd: int, offset: int, dest: np.ndarray, slot: int, part: int,
+            what: str) -> tuple[ReadJob, Copy]:
+        start = offset // PAGE * PAGE
+        end = -(-(offset + dest.nbytes) // PAGE) * PAGE
+        region = self._buf[slot, self._starts[part]: self._starts[part] + (end - start)]
+        src = region[offset - start: offset - start + dest.nbytes]
+        return ReadJob(fd, start, region, what), (src, dest)
+
+
+def copy_all(copies: list[Copy]) -> None:
+    for src, dst in copies:
+        dst[:] = src
