@@ -42,6 +42,7 @@ class EngineOptions:
     layout: str = "auto"  # auto | original | packed (auto: packed when <ckpt>/flashmoe-packed exists)
     cache_policy: str = "lru"
     cache_budget_gb: float | None = None  # None: the minimum, two tokens' worth of slots
+    prefetch: bool = False  # speculative read of the next layer's likely experts
     device: str = "cpu"
     dtype: str | None = None  # activations; None keeps the checkpoint's dtype (mlx-lm parity)
     reader: Reader | None = None  # injectable pread, for fault tests
@@ -87,7 +88,8 @@ class Engine:
         self.totals = Totals()
         dtype = DTYPES.get(options.dtype) if options.dtype else None
         self.pipeline = Pipeline(resident, worker, self.store, self.pools, self.io, self.k,
-                                 make_sampler(), dtype, verify=options.io_verify)
+                                 make_sampler(), dtype, verify=options.io_verify,
+                                 prefetch=options.prefetch)
 
     @classmethod
     async def open(cls, path: str | Path, options: EngineOptions | None = None,

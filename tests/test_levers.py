@@ -35,6 +35,8 @@ LEVERS = [
     {"layout": "packed", "io_verify": True, "io_split": 8, "io_threads": 5},
     {"layout": "packed", "io_direct": True, "cache_policy": "none"},
     {"layout": "original", "io_direct": True, "io_split": 2},
+    {"layout": "original", "prefetch": True, "cache_policy": "none"},
+    {"layout": "packed", "prefetch": True, "cache_policy": "lru", "cache_budget_gb": 1.0},
 ]
 
 

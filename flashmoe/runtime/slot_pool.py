@@ -127,11 +127,13 @@ class SlotPool:
             slots[e] = s
         return SlotGrant(slots, tuple(misses))
 
-    def release(self, grant: SlotGrant, valid: bool = True) -> None:
-        """Unpin after the computation reading these slots was evaluated."""
+    def release(self, grant: SlotGrant, valid: bool = True, keep: bool = False) -> None:
+        """Unpin after the computation reading these slots was evaluated.
+
+        keep: stay cached even under policy none (a prefetched expert not yet used)."""
         for e, s in grant.slots.items():
             self._pins[s] -= 1
-            if not valid or self.policy == "none":
+            if not valid or (self.policy == "none" and not keep):
                 self._forget(s)
 
     def _victim(self) -> int:

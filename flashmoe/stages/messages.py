@@ -26,6 +26,7 @@ class Routed:
     scores: mx.array  # [B, L, k]
     experts: tuple[int, ...]  # the union, ascending: each fetched once
     shared: mx.array | None  # shared-expert output, evaluating while experts are read
+    guess: np.ndarray | None = None  # prefetch: the next layer's likely experts
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,4 +64,5 @@ class StepStats:
             "bytes_read": self.bytes_read,
             "experts_fetched": self.experts_fetched,
             "experts_hit": self.experts_hit,
+            **self.extra,
         }

@@ -16,6 +16,7 @@ from flashmoe.stages.attention import AttentionStage
 from flashmoe.stages.expert_compute import ExpertComputeStage
 from flashmoe.stages.expert_fetch import ExpertFetchStage
 from flashmoe.stages.messages import Attended, StepStats
+from flashmoe.stages.prefetch import Prefetcher, guess_next
 from flashmoe.stages.router import RouterStage
 from flashmoe.stages.sampling import Sampler, SamplingStage
 
@@ -25,7 +26,8 @@ class Pipeline:
 
     def __init__(self, resident: Resident, worker: MlxWorker, store: ExpertStore,
                  pools: dict[int, SlotPool], io: IOPool, k: int, sampler: Sampler,
-                 dtype: mx.Dtype | None = None, verify: bool = False) -> None:
+                 dtype: mx.Dtype | None = None, verify: bool = False,
+                 prefetch: bool = False) -> None:
         self.r, self.worker, self.dtype = resident, worker, dtype
         fam = resident.family
         self.layers = fam.layers(resident.model)
@@ -36,6 +38,8 @@ class Pipeline:
         self.fetch = ExpertFetchStage(store, pools, io, verify)
         self.compute = ExpertComputeStage(worker, fam, pools, quant)
         self.sampling = SamplingStage(worker, sampler)
+        self.prefetch = Prefetcher(self.fetch) if prefetch else None
+        self.k = k
 
     async def forward(self, ids: list[int], cache: list[Any], stats: StepStats,
                       all_logits: bool = False) -> mx.array:
@@ -51,12 +55,14 @@ class Pipeline:
                 if block is None:
                     x = await self.worker.build(lambda a=att, l=layer: a.h + fam.dense_mlp(l, a.xn))
                     continue
-                x = await self._experts(att, block, stats)
+                x = await self._experts(att, block, stats, decode=len(ids) == 1)
             t0 = time.perf_counter()
             logits = await self.worker.run(self._head, x, all_logits)
             stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
             return logits
         finally:
+            if self.prefetch is not None:
+                await self.prefetch.cancel()
             self._release_pending()  # evaluated above, or abandoned on an error
 
     async def sample(self, logits: mx.array, stats: StepStats) -> int:
@@ -67,13 +73,29 @@ class Pipeline:
             pool.release(grant)
         self._pending = []
 
-    async def _experts(self, att: Attended, block: nn.Module, stats: StepStats) -> mx.array:
-        routed = await self.router(att, block, stats)
+    def _guesser(self, index: int, decode: bool):
+        """Prefetch (decode only): a function guessing the next MoE layer's experts."""
+        nxt = index + 1
+        if self.prefetch is None or not decode or nxt >= len(self.layers):
+            return None
+        fam, layer = self.r.family, self.layers[nxt]
+        block = fam.moe_block(layer)
+        if block is None:
+            return None
+        return lambda h: guess_next(fam, layer, block, h, self.k)
+
+    async def _experts(self, att: Attended, block: nn.Module, stats: StepStats,
+                       decode: bool = False) -> mx.array:
+        routed = await self.router(att, block, stats, self._guesser(att.layer, decode))
         self._release_pending()  # the routing evaluation consumed the previous layer's slots
+        if self.prefetch is not None:
+            await self.prefetch.settle(att.layer, routed.experts, stats)
         chunks = self.fetch.plan(att.layer, routed.experts)
         act = block.switch_mlp.activation
         if len(chunks) == 1:
             fetched = await self.fetch(att.layer, chunks[0], stats)
+            if routed.guess is not None:  # read the next layer's guess while this one computes
+                self.prefetch.start(att.layer + 1, routed.guess, stats)
             x = await self.compute.whole(att, routed, fetched, act, stats)
             self._pending.append((self.fetch.pools[att.layer], fetched.grant))
             return x

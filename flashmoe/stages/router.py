@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
+import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
@@ -15,16 +17,24 @@ class RouterStage:
     def __init__(self, worker: MlxWorker, family: Family, k: int) -> None:
         self.worker, self.family, self.k = worker, family, k
 
-    async def __call__(self, att: Attended, block: nn.Module, stats: StepStats) -> Routed:
+    async def __call__(self, att: Attended, block: nn.Module, stats: StepStats,
+                       guess: Callable[[mx.array], mx.array] | None = None) -> Routed:
+        """`guess(h)`: the next layer's likely experts, evaluated in the same trip."""
         # one device trip: evaluating the routing also runs this layer's attention (and the
         # previous layer's experts); the shared expert then starts while experts are read
         t0 = time.perf_counter()
-        inds, scores, shared = await self.worker.numpy(
-            self.family.route, block, att.xn, self.k,
-            background=lambda: self.family.shared(block, att.xn))
+
+        def route():
+            inds, scores = self.family.route(block, att.xn, self.k)
+            return (inds, scores) if guess is None else (inds, scores, guess(att.h))
+
+        inds, scores, *rest = await self.worker.numpy(
+            route, background=lambda: self.family.shared(block, att.xn))
+        shared = rest[-1]
+        guessed = np.array(rest[0]) if guess is not None else None
         t1 = time.perf_counter()
         experts = tuple(int(e) for e in np.unique(inds))
         stats.attention_ms += (t1 - t0) * 1e3
         stats.router_ms += (time.perf_counter() - t1) * 1e3
-        return Routed(att.layer, inds, scores, experts, shared)
+        return Routed(att.layer, inds, scores, experts, shared, guessed)
 

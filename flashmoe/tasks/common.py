@@ -42,6 +42,7 @@ def engine_options(cfg: DictConfig, **extra: Any) -> EngineOptions:
         experts_per_token=cfg.model.experts_per_token, io_split=cfg.io.split,
         io_threads=cfg.io.threads, io_retries=cfg.io.retries, io_direct=cfg.io.direct,
         io_verify=cfg.io.verify, layout=cfg.io.layout, cache_policy=cfg.cache.policy,
+        prefetch=cfg.cache.prefetch,
         cache_budget_gb=cfg.cache.budget_gb, device=cfg.hardware.device,
         dtype=cfg.hardware.dtype, **extra)
 
@@ -109,7 +110,18 @@ def token_figures(t: Totals) -> dict:
         "expert_gb_total": round(sum(s.bytes_read for s in t.steps) / 1e9, 6),
         "fetch_gbps": round(read / 1e6 / fetch_ms, 3) if fetch_ms else 0.0,
         "median_token_ms": round(statistics.median(per_tok), 3) if per_tok else 0.0,
+        **prefetch_figures(decode),
     }
+
+
+def prefetch_figures(steps: list) -> dict:
+    """Share of the experts a layer needed that the speculative read had guessed."""
+    needed = sum(s.extra.get("prefetch_needed", 0) for s in steps)
+    if not needed:
+        return {}
+    hits = sum(s.extra.get("prefetch_hits", 0) for s in steps)
+    issued = sum(s.extra.get("prefetch_issued", 0) for s in steps)
+    return {"prefetch_accuracy": round(hits / needed, 4), "prefetch_issued": issued}
 
 
 STAGE_KEYS = ("attention_ms", "router_ms", "expert_fetch_ms", "expert_compute_ms", "sampling_ms")
