@@ -21,6 +21,7 @@ test: $(VENV)/.installed  ## the whole test suite (~2 min on 2 cores)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 fuzz: $(VENV)/.installed  ## the long fuzzing target (100k+ inputs), not part of `make test`
+	$(BIN)/pip install -q -e ".[test,fuzz]"
 	$(BIN)/python -m pytest -q -m fuzz tests/ $(ARGS)
 
 bench: $(VENV)/.installed  ## io.split sweep on the demo, then the table

@@ -26,6 +26,7 @@ from flashmoe.stages.messages import StepStats
 from flashmoe.stages.pipeline import Pipeline
 from flashmoe.stages.sampling import Sampler, make_sampler
 
+GIB = 2**30  # *_gb config keys are GiB, as RAM is reported
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -80,10 +81,14 @@ class Engine:
         if not 1 <= self.k <= self.num_experts:
             raise ConfigError(f"model.experts_per_token={self.k} must be between 1 and "
                               f"{self.num_experts} (this model's experts per layer)")
-        self.store = ExpertStore(resident.experts, self._packed(), direct=options.io_direct)
-        self.pools = self._make_pools()
+        self.pools = self._make_pools()  # config errors first: nothing to close yet
         self.io = IOPool(options.io_threads, options.io_split, options.io_retries,
                          reader=options.reader, on_retry=options.on_io_retry)
+        try:
+            self.store = ExpertStore(resident.experts, self._packed(), direct=options.io_direct)
+        except BaseException:
+            self.io.close()
+            raise
         self.tokenizer: Any = None
         self.totals = Totals()
         dtype = DTYPES.get(options.dtype) if options.dtype else None
@@ -108,6 +113,10 @@ class Engine:
         if tokenizer:
             from mlx_lm.utils import load_tokenizer
 
+            if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+                await engine.aclose()
+                raise CheckpointError(f"{path}: no tokenizer.json or tokenizer.model; the "
+                                      "checkpoint's tokenizer files are missing (re-download them)")
             engine.tokenizer = load_tokenizer(path)
         return engine
 
@@ -139,12 +148,12 @@ class Engine:
             if budget is None or self.options.cache_policy == "none":
                 n = 2 * self.k  # no app cache: double-buffered slots, the OS caches pages
             else:
-                n = int(budget * 1e9 / len(groups) // spec.expert_nbytes)
+                n = int(budget * GIB / len(groups) // spec.expert_nbytes)
             if n < self.k:
-                need = self.k * spec.expert_nbytes * len(groups) / 1e9
+                need = self.k * spec.expert_nbytes * len(groups) / GIB
                 raise ConfigError(
-                    f"cache.budget_gb={budget} holds {n} experts of {spec.expert_nbytes / 1e6:.2f} MB "
-                    f"but one layer needs {self.k} (experts_per_token); use at least {need:.3f}")
+                    f"cache.budget_gb={budget} holds {n} experts of {spec.expert_nbytes / 2**20:.2f} MiB "
+                    f"but one layer needs {self.k} (experts_per_token); use at least {need:.3g}")
             n = min(n, self.num_experts * len(layers))
             pool = SlotPool(spec, n, self.options.cache_policy,
                             upcast=self.options.dtype == "float32")
@@ -184,6 +193,8 @@ class Engine:
         """Prompt in one exact pass, then one token per step; yields as tokens arrive."""
         if max_tokens < 1:
             raise ConfigError(f"max_tokens={max_tokens} must be at least 1")
+        if not prompt:
+            raise ConfigError("prompt is empty (0 tokens); give some text, e.g. prompt=\"Hello\"")
         if sampler is not None:
             self.pipeline.sampling.sampler = sampler
         cache, ids, t_start = self.new_cache(), list(prompt), time.perf_counter()

@@ -12,6 +12,7 @@ from flashmoe.errors import CheckpointError
 from flashmoe.models import Family, family_for
 from flashmoe.runtime.expert_store import PROJS, LayerExperts, layer_experts
 from flashmoe.runtime.safetensors_index import CheckpointIndex
+from flashmoe.runtime.validate import check_moe_config, check_quantized, checked_classes
 
 
 class StreamedExperts(nn.Module):
@@ -34,7 +35,8 @@ class Resident:
     experts_per_token: int
 
 
-def load_resident(path: Path, index: CheckpointIndex, dtype: mx.Dtype | None = None) -> Resident:
+def load_resident(path: Path, index: CheckpointIndex, dtype: mx.Dtype | None = None,
+                  evaluate: bool = True) -> Resident:
     """mlx_lm.utils.load_model(lazy) then drop the expert stacks before anything is read.
 
     Must run in the MLX thread. The lazy expert arrays are released unevaluated, so their
@@ -43,10 +45,15 @@ def load_resident(path: Path, index: CheckpointIndex, dtype: mx.Dtype | None = N
     from mlx_lm.utils import load_model
 
     family = family_for(index.config, str(path / "config.json"))
+    # headers only, before mlx-lm sees the files: its own errors are raw and multi-line
+    check_moe_config(index.config, family.num_experts, family.experts_per_token,
+                     str(path / "config.json"))
+    check_quantized(index)
     try:
-        model, config = load_model(Path(path), lazy=True)
+        model, config = load_model(Path(path), lazy=True, get_model_classes=checked_classes(index))
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: mlx-lm cannot build this checkpoint ({e}); is it a "
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: mlx-lm cannot build this checkpoint ({first}); is it a "
                               "complete mlx-community checkpoint?") from None
     experts: dict[int, LayerExperts] = {}
     for i, layer in enumerate(family.layers(model)):
@@ -64,6 +71,7 @@ def load_resident(path: Path, index: CheckpointIndex, dtype: mx.Dtype | None = N
     if dtype is not None and dtype == mx.float32:  # f32 activations: widen bf16/f16 params once, not per call
         model.update(tree_map(lambda p: p.astype(mx.float32)
                               if p.dtype in (mx.bfloat16, mx.float16) else p, model.parameters()))
-    mx.eval(model.parameters())
+    if evaluate:  # task=pack only needs where the experts live, not the resident weights
+        mx.eval(model.parameters())
     return Resident(model, config, family, experts, family.num_experts(config),
                     family.experts_per_token(config))

@@ -5,7 +5,9 @@ Reads release the GIL, so they overlap with MLX evaluation in the MLX thread.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,12 +15,23 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import structlog
 
-from flashmoe.errors import ExpertReadError
+from flashmoe.errors import ConfigError, ExpertReadError
 
 PAGE = 4096
+MIN_CHUNK = 64 * 1024
 Reader = Callable[[int, list, int], int]  # (fd, [buffer], offset) -> bytes read, like os.preadv
 RETRYABLE = (errno.EINTR, errno.EIO, errno.EAGAIN)
+RETRY_BACKOFF_S = 0.002  # doubled per failure, capped at 0.1 s: a flaky disk gets a moment
+
+
+def _io_logger() -> structlog.typing.BindableLogger:
+    """flashmoe's configured logger; unconfigured structlog would print to stdout (the text's)."""
+    if structlog.is_configured():
+        return structlog.get_logger("flashmoe.io")
+    render = structlog.processors.KeyValueRenderer(key_order=["event"])
+    return structlog.wrap_logger(logging.getLogger("flashmoe.io"), processors=[render])
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +45,12 @@ class ReadJob:
 
 
 def split_job(job: ReadJob, n: int) -> list[ReadJob]:
-    """Cut one read into ≤ n chunks whose inner boundaries fall on page-aligned file offsets."""
+    """Cut one read into ≤ n chunks whose inner boundaries fall on page-aligned file offsets.
+
+    Chunks stay ≥ MIN_CHUNK: splitting a 128 KiB scales tensor 8 ways costs more in
+    thread hand-offs than it gains in queue depth."""
     size = job.dest.nbytes
+    n = min(n, max(1, size // MIN_CHUNK))
     if n <= 1 or size <= PAGE:
         return [job]
     step = -(-size // n)
@@ -51,9 +68,15 @@ class IOPool:
 
     def __init__(self, threads: int, split: int, retries: int = 3,
                  reader: Reader | None = None, on_retry: Callable[..., None] | None = None) -> None:
+        # the API bypasses the config's checks: the same words, so callers see one message
+        for key, value, lo, hi in (("io.threads", threads, 1, 256), ("io.split", split, 1, 64),
+                                   ("io.retries", retries, 0, 100)):
+            if not (isinstance(value, int) and lo <= value <= hi):
+                raise ConfigError(f"{key}={value} must be between {lo} and {hi}")
         self.threads, self.split, self.retries = threads, split, retries
         self._reader = reader or os.preadv
         self._on_retry = on_retry
+        self._log = _io_logger()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flashmoe-io")
 
     def close(self) -> None:
@@ -68,7 +91,9 @@ class IOPool:
         n = min(self.threads, len(chunks))
         batches = [chunks[i::n] for i in range(n)]
         loop = asyncio.get_running_loop()
-        futs = [loop.run_in_executor(self._pool, self._run_batch, b) for b in batches]
+        # each thread gets the caller's context, so log lines carry the run id
+        futs = [loop.run_in_executor(self._pool, contextvars.copy_context().run,
+                                     self._run_batch, b) for b in batches]
         done = await asyncio.gather(*futs, return_exceptions=True)
         errors = [d for d in done if isinstance(d, BaseException)]
         if errors:
@@ -77,7 +102,7 @@ class IOPool:
 
     def read_blocking(self, jobs: list[ReadJob]) -> int:
         """Synchronous variant (for tools and the raw-disk probe's reference path)."""
-        return sum(self._run_batch([c for j in jobs for c in split_job(j, self.split)]))
+        return self._run_batch([c for j in jobs for c in split_job(j, self.split)])
 
     def _run_batch(self, batch: list[ReadJob]) -> int:
         return sum(self._read_fully(job) for job in batch)
@@ -90,18 +115,30 @@ class IOPool:
                 got = self._reader(job.fd, [view], off)
             except OSError as e:
                 failures += 1
-                if e.errno not in RETRYABLE or failures > self.retries:
-                    raise ExpertReadError(
-                        f"reading {job.what} ({view.nbytes} bytes at offset {off}) failed: "
-                        f"{os.strerror(e.errno) if e.errno else e} after {failures} attempt(s); "
-                        "the disk or file is faulty; no token was computed from partial bytes"
-                    ) from None
-                if self._on_retry:
-                    self._on_retry(what=job.what, offset=off, errno=e.errno, attempt=failures)
+                self._retry_or_raise(job, view.nbytes, off, e, failures)
                 continue
             if got == 0:
                 raise ExpertReadError(
                     f"reading {job.what}: file ended at offset {off} with {view.nbytes} bytes "
                     "still expected; the checkpoint file was truncated after it was opened")
+            if not 0 < got <= view.nbytes:
+                raise ExpertReadError(f"reading {job.what}: the reader returned {got} for a "
+                                      f"{view.nbytes}-byte read; expected 0..{view.nbytes}")
             view, off = view[got:], off + got
+        if failures:  # recovered: one warning per read, the retries are in the log
+            self._log.warning("expert_read_recovered", what=job.what, attempts=failures + 1)
         return job.dest.nbytes
+
+    def _retry_or_raise(self, job: ReadJob, left: int, off: int, e: OSError,
+                        failures: int) -> None:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        if e.errno not in RETRYABLE or failures > self.retries:
+            raise ExpertReadError(
+                f"reading {job.what} ({left} bytes at offset {off}) failed: {reason} after "
+                f"{failures} attempt(s) (io.retries={self.retries}); the disk or file is faulty; "
+                "no token was computed from partial bytes") from None
+        self._log.info("expert_read_retried", what=job.what, offset=off, errno=e.errno,
+                       error=reason, attempt=failures)
+        if self._on_retry:
+            self._on_retry(what=job.what, offset=off, errno=e.errno, attempt=failures)
+        time.sleep(min(RETRY_BACKOFF_S * 2 ** (failures - 1), 0.1))
