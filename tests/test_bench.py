@@ -1,0 +1,41 @@
+"""task=bench leaves a complete run_summary; analyze turns a sweep into a table, CSV and PNG."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+BENCH_KEYS = {"tok_s", "ttft_s", "prompt_tok_s", "expert_io_ms_per_token", "expert_gb_per_token",
+              "fetch_gbps", "probe_gbps", "fetch_vs_probe", "cache_hit_rate", "peak_rss_gb",
+              "overlap_ratio", "compute_ms_per_token", "io_split", "io_threads", "hardware",
+              "experts_per_token", "status"}
+
+
+def summary(run_dir):
+    lines = (run_dir / "flashmoe.jsonl").read_text().splitlines()
+    return [json.loads(l) for l in lines if '"run_summary"' in l][-1]
+
+
+def test_bench_summary_and_sweep_analysis(tiny, tmp_path):
+    path = tiny("qwen3_5_moe")
+    args = [sys.executable, "-m", "flashmoe", "-m", "task=bench", f"model.path={path}",
+            "hardware=linux_cpu", "cache=none", "io.split=1,2", "task.tokens=6", "task.repeats=2",
+            "task.baseline=mlx_lm", "hydra.sweep.dir=sweep"]
+    out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    runs = [tmp_path / "sweep" / n for n in ("0", "1")]
+    for split, run in zip((1, 2), runs):
+        s = summary(run)
+        assert BENCH_KEYS <= s.keys(), BENCH_KEYS - s.keys()
+        assert s["status"] == "ok" and s["io_split"] == split
+        assert s["tok_s"] > 0 and s["fetch_vs_probe"] > 0 and s["probe_gbps"] > 0
+        assert s["expert_gb_per_token"] > 0 and 0 <= s["cache_hit_rate"] <= 1
+        assert s["baseline_status"] == "ok" and s["baseline_tok_s"] > 0 and s["vs_baseline"] > 0
+    table = subprocess.run([sys.executable, "-m", "flashmoe.analyze", "sweep"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    rows = [l for l in table.stdout.splitlines() if l.startswith("| ") and "---" not in l]
+    assert rows[0].startswith("| io.split") and len(rows) == 3  # header + one row per run
+    assert rows[1].startswith("| 1 ") and rows[2].startswith("| 2 ")
+    assert (tmp_path / "sweep" / "summary.csv").read_text().count("\n") >= 3
+    assert (tmp_path / "sweep" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
