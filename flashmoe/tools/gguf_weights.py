@@ -6,6 +6,7 @@ with float32 scales reproduces the `gguf` package's own dequantization bit for b
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,24 @@ class Packed:
     def rows(self, index: mx.array) -> Packed:
         """Select/permute output rows; exact, because groups run along the input dim."""
         return Packed(self.weight[index], self.scales[index], self.biases[index],
+                      self.bits, self.group_size)
+
+    def cols(self, start: int, stop: int) -> Packed:
+        """Input columns [start, stop); exact when both are multiples of the group size."""
+        assert start % self.group_size == 0 and stop % self.group_size == 0, (start, stop)
+        per, g = 32 // self.bits, self.group_size
+        return Packed(self.weight[..., start // per: stop // per],
+                      self.scales[..., start // g: stop // g],
+                      self.biases[..., start // g: stop // g], self.bits, self.group_size)
+
+    def scaled(self, factor: float) -> Packed:
+        """The weight times `factor` (scales and biases scale); exact for powers of two."""
+        if factor == 1.0:
+            return self
+        power_of_two = math.frexp(abs(factor))[0] == 0.5
+        dtype = self.scales.dtype if power_of_two else mx.float32  # fp16 would round others
+        return Packed(self.weight, (self.scales.astype(mx.float32) * factor).astype(dtype),
+                      (self.biases.astype(mx.float32) * factor).astype(dtype),
                       self.bits, self.group_size)
 
     def dequantize(self) -> mx.array:
