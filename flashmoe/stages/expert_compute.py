@@ -19,17 +19,14 @@ class ExpertComputeStage:
                  quant: dict[int, Quant]) -> None:
         self.worker, self.family, self.pools, self.quant = worker, family, pools, quant
 
-    async def whole(self, att: Attended, routed: Routed, fetched: Fetched,
-                    activation: Callable, stats: StepStats) -> mx.array:
+    def whole(self, att: Attended, routed: Routed, fetched: Fetched,
+              activation: Callable) -> Callable[[], mx.array]:
         """Every routed expert is in this one chunk: one SwitchGLU call, as mlx-lm does.
 
-        Returned unevaluated: the caller releases the slots once a later evaluation (the
-        next layer's routing, or the logits) has consumed it."""
-        t0 = time.perf_counter()
+        Returns the builder of the layer's output; the next device trip builds and runs it,
+        and the caller releases the slots once that evaluation has consumed them."""
         slots = _slot_ids(routed.inds, fetched.grant.slots)
-        x = await self.worker.build(self._whole, att, routed, slots, activation)
-        stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
-        return x
+        return lambda: self._whole(att, routed, slots, activation)
 
     def _whole(self, att: Attended, routed: Routed, slots: np.ndarray, activation: Callable):
         w = self.pools[att.layer].store.weights()

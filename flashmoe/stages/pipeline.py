@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,19 +46,20 @@ class Pipeline:
                       all_logits: bool = False) -> mx.array:
         """Logits [1, L, V] (or [1, 1, V] for the last position) for `ids` after `cache`."""
         fam, model = self.r.family, self.r.model
-        x = await self.worker.build(self._embed, ids)
-        masks = await self.worker.build(fam.masks, model, x, cache)
+        x0 = await self.worker.build(self._embed, ids)
+        masks = await self.worker.build(fam.masks, model, x0, cache)
         self._pending = []  # slot grants whose computation has not been evaluated yet
+        x_fn: Callable[[], mx.array] = lambda: x0  # noqa: E731 - a chain of graph builders
         try:
             for i, layer in enumerate(self.layers):
-                att = await self.attention(i, layer, x, masks[i], cache[i], stats)
+                att_fn = partial(self.attention.build, i, layer, x_fn, masks[i], cache[i])
                 block = fam.moe_block(layer)
                 if block is None:
-                    x = await self.worker.build(lambda a=att, l=layer: a.h + fam.dense_mlp(l, a.xn))
+                    x_fn = partial(self._dense, layer, att_fn)
                     continue
-                x = await self._experts(att, block, stats, decode=len(ids) == 1)
+                x_fn = await self._experts(att_fn, block, stats, decode=len(ids) == 1)
             t0 = time.perf_counter()
-            logits = await self.worker.run(self._head, x, all_logits)
+            logits = await self.worker.run(lambda: self._head(x_fn(), all_logits))
             stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
             return logits
         finally:
@@ -84,9 +86,14 @@ class Pipeline:
             return None
         return lambda h: guess_next(fam, layer, block, h, self.k)
 
-    async def _experts(self, att: Attended, block: nn.Module, stats: StepStats,
-                       decode: bool = False) -> mx.array:
-        routed = await self.router(att, block, stats, self._guesser(att.layer, decode))
+    def _dense(self, layer: nn.Module, att_fn: Callable[[], Attended]) -> mx.array:
+        att = att_fn()
+        return att.h + self.r.family.dense_mlp(layer, att.xn)
+
+    async def _experts(self, att_fn: Callable[[], Attended], block: nn.Module,
+                       stats: StepStats, decode: bool = False) -> Callable[[], mx.array]:
+        layer = att_fn.args[0]
+        att, routed = await self.router(att_fn, block, stats, self._guesser(layer, decode))
         self._release_pending()  # the routing evaluation consumed the previous layer's slots
         if self.prefetch is not None:
             await self.prefetch.settle(att.layer, routed.experts, stats)
@@ -96,16 +103,17 @@ class Pipeline:
             fetched = await self.fetch(att.layer, chunks[0], stats)
             if routed.guess is not None:  # read the next layer's guess while this one computes
                 self.prefetch.start(att.layer + 1, routed.guess, stats)
-            x = await self.compute.whole(att, routed, fetched, act, stats)
+            x_fn = self.compute.whole(att, routed, fetched, act)
             self._pending.append((self.fetch.pools[att.layer], fetched.grant))
-            return x
+            return x_fn
         # the union exceeds the slots: chunk by chunk, each chunk's slots released after use
         stats.chunks += len(chunks)
         y = None
         for chunk in chunks:
             fetched = await self.fetch(att.layer, chunk, stats)
             y = await self.compute.partial(att, routed, fetched, y, act, stats)
-        return await self.compute.finish(att, routed, y, stats)
+        x = await self.compute.finish(att, routed, y, stats)
+        return lambda: x
 
     def _embed(self, ids: list[int]) -> mx.array:
         x = self.r.family.embed(self.r.model, mx.array([ids]))

@@ -17,24 +17,30 @@ class RouterStage:
     def __init__(self, worker: MlxWorker, family: Family, k: int) -> None:
         self.worker, self.family, self.k = worker, family, k
 
-    async def __call__(self, att: Attended, block: nn.Module, stats: StepStats,
-                       guess: Callable[[mx.array], mx.array] | None = None) -> Routed:
-        """`guess(h)`: the next layer's likely experts, evaluated in the same trip."""
-        # one device trip: evaluating the routing also runs this layer's attention (and the
-        # previous layer's experts); the shared expert then starts while experts are read
+    async def __call__(self, make_att: Callable[[], Attended], block: nn.Module,
+                       stats: StepStats, guess: Callable[[mx.array], mx.array] | None = None
+                       ) -> tuple[Attended, Routed]:
+        """`make_att()` builds this layer's attention; `guess(h)`: the next layer's likely
+        experts. One device trip evaluates the previous layer's experts, this layer's
+        attention and its routing; the shared expert then starts while experts are read."""
         t0 = time.perf_counter()
+        box: list[Attended] = []
 
         def route():
+            att = make_att()
+            box.append(att)
             inds, scores = self.family.route(block, att.xn, self.k)
-            return (inds, scores) if guess is None else (inds, scores, guess(att.h))
+            return (inds, scores, att.h, att.xn) if guess is None else \
+                (inds, scores, att.h, att.xn, guess(att.h))
 
-        inds, scores, *rest = await self.worker.numpy(
-            route, background=lambda: self.family.shared(block, att.xn))
+        inds, scores, _, _, *rest = await self.worker.numpy(
+            route, background=lambda: self.family.shared(block, box[0].xn))
+        att = box[0]
         shared = rest[-1]
         guessed = np.array(rest[0]) if guess is not None else None
         t1 = time.perf_counter()
         experts = tuple(int(e) for e in np.unique(inds))
         stats.attention_ms += (t1 - t0) * 1e3
         stats.router_ms += (time.perf_counter() - t1) * 1e3
-        return Routed(att.layer, inds, scores, experts, shared, guessed)
+        return att, Routed(att.layer, inds, scores, experts, shared, guessed)
 
