@@ -15,6 +15,7 @@ from flashmoe.config import compose_config
 from flashmoe.errors import ConfigError
 from flashmoe.quality import Window, kl_divergence, nll, plan_windows, top1_agreement
 from flashmoe.synth.tokenizer import english_text
+from tests.conftest import with_k
 
 CONTEXT, STRIDE = 64, 32
 
@@ -131,6 +132,30 @@ async def test_lowered_k_costs_kl_against_full_k(tiny, text_file):
                          "task.max_windows=3", "task.k_reference=same")
     assert same["reference_k"] == 2 and same["kl_mean"] < 1e-6
     assert same["ppl"] == full["ppl"] and same["windows"] == 3
+
+
+async def test_reference_path_scores_against_another_model(tiny, tmp_path, text_file):
+    path = tiny("qwen3_5_moe")
+    other = with_k(path, tmp_path / "k2", 2)  # a model whose own K is 2
+    got = await run_ppl(path, text_file, "task.reference=mlx_lm", f"task.reference_path={other}",
+                        "task.max_windows=1")
+    assert got["reference_path"] == str(other) and got["reference_k"] == 2
+    assert got["kl_mean"] > 1e-3
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="k_reference=same needs"):
+        await run_ppl(path, text_file, "task.reference=mlx_lm", f"task.reference_path={tmp_path}",
+                      "task.k_reference=same")
+
+
+async def test_reference_follows_the_engine_dtype(tmp_path, text_file):
+    """bf16 weights, f32 activations (linux_cpu): mlx-lm must widen them as the engine does."""
+    import mlx.core as mx
+
+    from flashmoe.synth.tiny import build_tiny
+
+    path = build_tiny(tmp_path / "bf16", "qwen3_5_moe", dtype=mx.bfloat16)
+    got = await run_ppl(path, text_file, "task.reference=mlx_lm", "task.max_windows=2")
+    assert got["kl_mean"] < 1e-6 and got["top1_agreement"] == 1.0
 
 
 @pytest.mark.parametrize("content,match", [(None, "is not a file"), ("  \n", "is empty"),

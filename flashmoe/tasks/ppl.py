@@ -8,6 +8,7 @@ See QUALITY.md for the scheme and the numbers.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_map
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -29,8 +31,8 @@ from flashmoe.tasks.common import open_engine, run_summary, warn_device
 
 DEFAULT_DATA = "pydoc_data"  # what the summary's `data` says when data=null
 DECODE_ONLY = ("tok_s", "ttft_s", "generated_tokens", "median_token_ms")
-RANDOM_NOTE = ("synthetic random weights: ppl is meaningless in absolute terms (near the vocab "
-               "size); kl_mean against the reference is the measure")
+RANDOM_NOTE = ("synthetic random weights: ppl is meaningless in absolute terms (of the order "
+               "of the vocab size); kl_mean against the reference is the measure")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +57,8 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     windows = plan_windows(len(ids), task.context, task.stride, task.max_windows)
     ref = None
     if task.reference == "mlx_lm":
-        ref = await load_reference(engine, task.reference_path, task.k_reference, text)
+        ref = await load_reference(engine, task.reference_path, task.k_reference, text,
+                                   memory_gb=cfg.hardware.memory_gb)
     log.info("ppl_started", data=source, data_tokens=len(ids), windows=len(windows),
              context=task.context, stride=task.stride, reference=task.reference,
              reference_k=ref.k if ref else None, model_path=str(engine.path))
@@ -64,7 +67,8 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
         job = bar.add_task("ppl", total=len(windows), ppl=float("nan"))
         for i, w in enumerate(windows):
             logits = await _engine_logits(engine, ids[w.begin:w.end])
-            ref_logits = await reference_logits(engine, ref, ids[w.begin:w.end]) if ref else None
+            ref_logits = await reference_logits(engine, ref, ids[w.begin:w.end],
+                                                logits.shape) if ref else None
             scores.append(score_window(w, ids, logits, ref_logits))
             _log_window(log, i, w.begin, scores[-1], ref is not None)
             bar.update(job, advance=1, ppl=summarize(scores)["ppl"])
@@ -88,8 +92,8 @@ def read_text(data: str | None) -> tuple[str, str]:
         from flashmoe.synth.tokenizer import english_text
 
         text = english_text()
-        Console(stderr=True).print(f"flashmoe: data=null: scoring CPython's pydoc_data English "
-                                   f"({len(text):,} characters); data=PATH scores a file")
+        print(f"flashmoe: data=null: scoring CPython's pydoc_data English ({len(text):,} "
+              "characters); data=PATH scores a file", file=sys.stderr)
         return text, DEFAULT_DATA
     path = Path(data).expanduser()
     if not path.is_file():
@@ -128,14 +132,19 @@ async def _engine_logits(engine: Engine, ids: Sequence[int]) -> np.ndarray:
 
 
 async def load_reference(engine: Engine, reference_path: str | None, k_reference: str,
-                         text: str) -> Reference:
+                         text: str, memory_gb: float | None = None) -> Reference:
     """mlx-lm resident on the engine's checkpoint (or `reference_path`), in the MLX thread.
 
     k_reference=full keeps the reference's own K (its config untouched); same routes it to the
-    engine's K. The reference computes in the engine's activation dtype, as the engine does.
+    engine's K. The reference follows the engine's activation dtype policy (hardware.dtype).
     """
     path = Path(reference_path).expanduser() if reference_path else engine.path
     config = _read_config(path)
+    size_gb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
+    if memory_gb is not None and size_gb > memory_gb:  # fail now rather than swap or be killed
+        raise ConfigError(f"task.reference=mlx_lm loads {path} whole ({size_gb:.1f} GiB) but "
+                          f"hardware.memory_gb={memory_gb}; use task.reference=none, or a smaller "
+                          "reference with task.reference_path=DIR")
     text_cfg = config.get("text_config", config)
     k = text_cfg.get("num_experts_per_tok")
     overrides = None
@@ -170,6 +179,12 @@ def _load_mlx_lm(path: Path, overrides: dict | None, dtype: mx.Dtype | None) -> 
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         raise CheckpointError(f"{path}: mlx-lm cannot load this checkpoint as the reference "
                               f"({e}); task.reference=mlx_lm needs it to fit in memory") from None
+    # the engine's dtype policy (models/loader.py, Pipeline._embed), so that K and bits are
+    # the only differences: f32 widens the bf16/f16 parameters, embeddings come out in dtype
+    if dtype == mx.float32:
+        model.update(tree_map(lambda p: p.astype(mx.float32)
+                              if p.dtype in (mx.bfloat16, mx.float16) else p, model.parameters()))
+        mx.eval(model.parameters())
     if dtype is not None:
         _cast_embeddings(model, dtype)
     return model, tokenizer
@@ -196,10 +211,15 @@ def _cast_embeddings(model: nn.Module, dtype: mx.Dtype) -> None:
         setattr(modules[parent] if parent else model, attr, _CastEmbedding(modules[name], dtype))
 
 
-async def reference_logits(engine: Engine, ref: Reference, ids: Sequence[int]) -> np.ndarray:
-    """mlx-lm's logits for every position of `ids` [L, V] (float32)."""
+async def reference_logits(engine: Engine, ref: Reference, ids: Sequence[int],
+                           shape: tuple[int, ...]) -> np.ndarray:
+    """mlx-lm's logits for every position of `ids` [L, V] (float32), checked against `shape`."""
     (out,) = await engine.worker.numpy(
         lambda: (ref.model(mx.array([list(ids)]))[0].astype(mx.float32),))
+    if out.shape != tuple(shape):
+        raise CheckpointError(f"the reference {ref.path} gives logits of shape {out.shape}, "
+                              f"flashmoe {tuple(shape)}: the vocabularies differ, so KL is "
+                              "undefined; use a reference with the same vocab_size")
     return out
 
 
