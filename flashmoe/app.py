@@ -51,6 +51,12 @@ def main(cfg: DictConfig) -> int:
         log.error("run_failed", error=str(e), error_type=type(e).__name__)
         if cfg.debug:
             raise
+    except Exception as e:  # a bug of ours: still one line, the traceback in the log
+        print(f"flashmoe: internal error ({type(e).__name__}: {e}); the traceback is in "
+              f"{run_dir}/flashmoe.jsonl, or run with debug=true", file=sys.stderr)
+        log.error("run_failed", error=str(e), error_type=type(e).__name__, exc_info=True)
+        if cfg.debug:
+            raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         if summary is None:

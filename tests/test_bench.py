@@ -39,3 +39,24 @@ def test_bench_summary_and_sweep_analysis(tiny, tmp_path):
     assert rows[1].startswith("| 1 ") and rows[2].startswith("| 2 ")
     assert (tmp_path / "sweep" / "summary.csv").read_text().count("\n") >= 3
     assert (tmp_path / "sweep" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_probe_replays_direct_io_reads(tmp_path):
+    """The probe must replay O_DIRECT descriptors too (aligned buffers), as io.direct uses."""
+    import os
+
+    from flashmoe.runtime.probe import probe
+
+    f = tmp_path / "blob"
+    f.write_bytes(os.urandom(3 * 4096))
+    try:
+        fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        import pytest
+
+        pytest.skip("this filesystem has no O_DIRECT")
+    try:
+        res = probe([[(fd, 0, 8192)], [(fd, 4096, 8192)]], threads=2)
+    finally:
+        os.close(fd)
+    assert res.bytes_read == 16384 and res.gbps > 0

@@ -4,6 +4,7 @@ Also: dropping a file's cached pages (posix_fadvise DONTNEED) so a bench reads t
 """
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,8 @@ def drop_page_cache(files: Sequence[Path]) -> None:
 def probe(trace: Sequence[Batch], threads: int) -> ProbeResult:
     """Replay every batch with `threads` threads, batch after batch, as the engine did."""
     biggest = max((n for b in trace for _, _, n in b), default=0)
-    buffers = [bytearray(biggest) for _ in range(threads)]
+    # page-aligned (anonymous mmap), so O_DIRECT descriptors in the trace read as they did
+    buffers = [mmap.mmap(-1, max(biggest, 4096)) for _ in range(threads)]
     total, elapsed = 0, 0.0
     with ThreadPoolExecutor(threads) as pool:
         for batch in trace:
@@ -48,7 +50,7 @@ def probe(trace: Sequence[Batch], threads: int) -> ProbeResult:
     return ProbeResult(total, elapsed)
 
 
-def _read_group(group: Batch, buf: bytearray) -> int:
+def _read_group(group: Batch, buf: mmap.mmap) -> int:
     view, done = memoryview(buf), 0
     for fd, offset, nbytes in group:
         got = 0
