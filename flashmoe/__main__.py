@@ -19,5 +19,9 @@ def _job(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    precheck(sys.argv[1:])
-    _job()
+    try:
+        precheck(sys.argv[1:])
+        _job()
+    except KeyboardInterrupt:  # Ctrl-C before a run started (a started run handles its own)
+        print("flashmoe: interrupted before the run started", file=sys.stderr)
+        sys.exit(130)
