@@ -93,7 +93,10 @@ def _interrupt_once(path: Path, cwd: Path) -> tuple[int | None, str, Path | None
         proc = subprocess.Popen([sys.executable, "-m", "flashmoe", f"model.path={path}",
                                  "hardware=linux_cpu", "task=bench", "task.cold=true",
                                  "task.warmup=1", "task.repeats=1", "task.tokens=100000"],
-                                cwd=cwd, stdout=out, stderr=err, env=env)
+                                cwd=cwd, stdout=out, stderr=err, env=env,
+                                # a CI started in the background inherits SIGINT ignored;
+                                # a person's terminal does not: restore the default
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         log, deadline = None, time.time() + 180
         while time.time() < deadline and proc.poll() is None:
             logs = list((cwd / "runs").rglob("flashmoe.jsonl")) if (cwd / "runs").exists() else []
