@@ -129,3 +129,19 @@ def test_ctrl_c_writes_interrupted_summary(tiny, tmp_path):
     (summary,) = [e for e in events(log.parent) if e["event"] == "run_summary"]
     assert summary["status"] == "interrupted"
     assert "Traceback" not in err
+
+
+def test_empty_prompt_and_missing_tokenizer_one_line(tiny, tmp_path):
+    import shutil
+
+    path = tiny("qwen3_5_moe")
+    out = flashmoe(tmp_path, f"model.path={path}", "hardware=linux_cpu", "prompt=")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        'flashmoe: prompt is empty (0 tokens); give some text, e.g. prompt="Hello"']
+    bare = tmp_path / "no_tokenizer"
+    shutil.copytree(path, bare)
+    (bare / "tokenizer.json").unlink()
+    out = flashmoe(tmp_path, f"model.path={bare}", "hardware=linux_cpu")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and "no tokenizer.json" in lines[0], lines
