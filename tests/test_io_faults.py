@@ -279,3 +279,18 @@ def test_sigterm_stops_cleanly_with_summary(tiny, tmp_path):
     assert lines[-1].startswith("flashmoe: status=interrupted")
     (summary,) = [e for e in events(logs[0].parent) if e["event"] == "run_summary"]
     assert summary["status"] == "interrupted" and summary["generated_tokens"] >= 1
+
+
+def test_unexpected_error_is_one_line_and_logged(tiny, tmp_path, monkeypatch, capsys):
+    """A bug of ours (any non-flashmoe exception) still ends in one line and status=error."""
+    def broken(engine):
+        raise RuntimeError("simulated bug")
+
+    code = run_app(tiny("qwen3_5_moe"), tmp_path / "run", monkeypatch, opened=broken)
+    err = [l for l in capsys.readouterr().err.strip().splitlines()
+           if not l.startswith("[INFO]")]  # the fixture build's mlx-lm note
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("flashmoe: internal error (RuntimeError: simulated")
+    evs = events(tmp_path / "run")
+    assert [e["status"] for e in evs if e["event"] == "run_summary"] == ["error"]
+    assert any(e["event"] == "run_failed" and "exception" in e for e in evs)  # the traceback
