@@ -124,7 +124,7 @@ async def _overlap(engine: Engine, prompt: list[int], n: int, figs: dict) -> dic
 def _baseline(engine: Engine, prompt: list[int], n: int, cfg: DictConfig, figs: dict) -> dict:
     size_gb = sum(f.stat().st_size for f in engine.path.glob("*.safetensors")) / 2**30
     limit = cfg.hardware.memory_gb if size_gb > cfg.hardware.memory_gb else None
-    res = run_baseline(engine.path, prompt, n, cfg.hardware.dtype, engine.k, limit_gb=limit)
+    res = run_baseline(engine.path, prompt, n, engine.options.dtype, engine.k, limit_gb=limit)
     out = {"baseline": "mlx_lm", "baseline_status": res["status"], "baseline_limit": res["limit"],
            "checkpoint_gb": round(size_gb, 3)}
     if res["status"] == "ok":
