@@ -160,9 +160,13 @@ class Engine:
             pools.update({i: pool for i in layers})
         return pools
 
+    def unique_pools(self) -> list[SlotPool]:
+        """Each pool once (layers with one expert layout share a pool)."""
+        return list({id(p): p for p in self.pools.values()}.values())
+
     @property
     def slot_bytes(self) -> int:
-        return sum(p.nbytes for p in {id(p): p for p in self.pools.values()}.values())
+        return sum(p.nbytes for p in self.unique_pools())
 
     def new_cache(self) -> list[Any]:
         from mlx_lm.models.cache import make_prompt_cache
@@ -219,11 +223,11 @@ class Engine:
 
     def reset_cache(self) -> None:
         """Empty the expert cache (slots), e.g. before a cold measurement."""
-        for pool in {id(p): p for p in self.pools.values()}.values():
+        for pool in self.unique_pools():
             pool.clear()
 
     def cache_stats(self) -> tuple[int, int]:
-        pools = {id(p): p for p in self.pools.values()}.values()
+        pools = self.unique_pools()
         return sum(p.hits for p in pools), sum(p.misses for p in pools)
 
     async def aclose(self) -> None:

@@ -187,7 +187,11 @@ def run_app(path: Path, run_dir: Path, monkeypatch, opened=lambda engine: None, 
 
     async def open_engine(cfg, **extra):
         engine = await real(cfg, **extra, **options)
-        opened(engine)
+        try:
+            opened(engine)
+        except BaseException:
+            await engine.aclose()  # as common.open_engine does: no MLX thread outlives a failure
+            raise
         return engine
 
     monkeypatch.setattr(gen, "open_engine", open_engine)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from flashmoe.runtime import cgroup as cgroups
+from flashmoe.runtime.memory import peak_rss_gb
 
 
 
@@ -60,22 +61,9 @@ def _child(path: str, tokens: int, dtype: str, prompt: list[int], k: int) -> dic
     for _tok, _ in generate_step(mx.array(prompt), model, max_tokens=tokens,
                                  sampler=lambda lp: mx.argmax(lp, axis=-1)):
         stamps.append(time.perf_counter())
-    hwm = _peak_rss_bytes()
     decode = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
     return {"tok_s": (len(stamps) - 1) / decode if decode else 0.0,
-            "peak_rss_gb": hwm / 2**30, "tokens": len(stamps)}
-
-
-def _peak_rss_bytes() -> int:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+            "peak_rss_gb": peak_rss_gb(), "tokens": len(stamps)}
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ class ExpertStore:
         else:
             files = sorted({t.file for le in layers.values() for t in le.tensors})
         self.files: list[Path] = files
+        self.names = [f.name for f in files]  # for read labels, without a Path call per read
         self.sizes = [f.stat().st_size for f in files]
         self._file_ids = {f: i for i, f in enumerate(files)}
         self.fds = [os.open(f, os.O_RDONLY) for f in files]
@@ -97,11 +98,6 @@ class ExpertStore:
     def checksum(self, layer: int, expert: int) -> str | None:
         """The packed manifest's xxh64 of the expert's bytes (None without a packed layout)."""
         return self.packed[layer].checksums[expert] if self.packed else None
-
-    @property
-    def expert_nbytes(self) -> int:
-        return max(le.expert_nbytes for le in self.layers.values())
-
 
 def _open_direct(path: Path) -> int:
     try:

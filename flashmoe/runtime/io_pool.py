@@ -35,13 +35,26 @@ def _io_logger() -> structlog.typing.BindableLogger:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadLabel:
+    """What a read is for; formatted only when a message needs it, not on every read."""
+
+    layer: int
+    expert: int
+    part: str
+    file: str
+
+    def __str__(self) -> str:
+        return f"layer {self.layer} expert {self.expert} {self.part} ({self.file})"
+
+
+@dataclass(frozen=True, slots=True)
 class ReadJob:
     """Read `dest.nbytes` bytes of file `fd` at `offset` into the writable `dest` view."""
 
     fd: int
     offset: int
     dest: np.ndarray  # 1-D uint8 view into a slot array
-    what: str  # for error messages: "layer 3 expert 17 down_proj.weight"
+    what: str | ReadLabel  # for messages: "layer 3 expert 17 down_proj.weight (file)"
 
 
 def split_job(job: ReadJob, n: int) -> list[ReadJob]:
@@ -126,7 +139,7 @@ class IOPool:
                                       f"{view.nbytes}-byte read; expected 0..{view.nbytes}")
             view, off = view[got:], off + got
         if failures:  # recovered: one warning per read, the retries are in the log
-            self._log.warning("expert_read_recovered", what=job.what, attempts=failures + 1)
+            self._log.warning("expert_read_recovered", what=str(job.what), attempts=failures + 1)
         return job.dest.nbytes
 
     def _retry_or_raise(self, job: ReadJob, left: int, off: int, e: OSError,
@@ -137,8 +150,8 @@ class IOPool:
                 f"reading {job.what} ({left} bytes at offset {off}) failed: {reason} after "
                 f"{failures} attempt(s) (io.retries={self.retries}); the disk or file is faulty; "
                 "no token was computed from partial bytes") from None
-        self._log.info("expert_read_retried", what=job.what, offset=off, errno=e.errno,
+        self._log.info("expert_read_retried", what=str(job.what), offset=off, errno=e.errno,
                        error=reason, attempt=failures)
         if self._on_retry:
-            self._on_retry(what=job.what, offset=off, errno=e.errno, attempt=failures)
+            self._on_retry(what=str(job.what), offset=off, errno=e.errno, attempt=failures)
         time.sleep(min(RETRY_BACKOFF_S * 2 ** (failures - 1), 0.1))

@@ -43,11 +43,6 @@ class MlxWorker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._to_numpy, fn, args, background)
 
-    async def start(self, fn: Callable[..., T], *args: Any) -> T:
-        """Build and start evaluating asynchronously (mx.async_eval); returns at once."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._async_eval, fn, args)
-
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Blocking variant for setup code outside the event loop."""
         return self._pool.submit(self._eval, fn, args).result()
@@ -68,12 +63,6 @@ class MlxWorker:
             if later is not None:
                 mx.async_eval(later)
             out = (*out, later)
-        return out
-
-    @staticmethod
-    def _async_eval(fn: Callable[..., T], args: tuple) -> T:
-        out = fn(*args)
-        mx.async_eval(out)
         return out
 
     def close(self) -> None:

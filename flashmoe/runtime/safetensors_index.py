@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -46,6 +45,11 @@ def short(value: object, limit: int = 80) -> str:
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Read and check one safetensors header; raise CheckpointError naming what is wrong."""
+    return read_file_header(path)[0]
+
+
+def read_file_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    """read_header, plus the file's `__metadata__` object (empty when absent)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -64,23 +68,28 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     if len(raw) < hlen:  # the file shrank while we read it
         raise CheckpointError(f"{path}: header is {hlen} bytes but only {len(raw)} could be read; "
                               "the file is being truncated or rewritten")
-    return parse_header(raw, path, size)
+    return _parse(raw, path, size)
 
 
 def parse_header(raw: bytes, path: Path, size: int) -> dict[str, TensorInfo]:
     """Validate the JSON header bytes of `path` (total file `size`) into TensorInfos."""
+    return _parse(raw, path, size)[0]
+
+
+def _parse(raw: bytes, path: Path, size: int) -> tuple[dict[str, TensorInfo], dict]:
     data_start = 8 + len(raw)
     header = json_object(raw, path, "header")
-    tensors = {}
+    tensors, metadata = {}, {}
     for name, meta in header.items():
         if name == "__metadata__":
             if not isinstance(meta, dict):
                 raise CheckpointError(f"{path}: __metadata__ is {type(meta).__name__}; "
                                       "expected an object of strings")
+            metadata = meta
             continue
         tensors[name] = _tensor_info(name, meta, path, data_start)
     _check_layout(tensors, path, size, data_start)
-    return tensors
+    return tensors, metadata
 
 
 class _DuplicateKey(ValueError):
@@ -247,6 +256,3 @@ def _check_weight_map(root: Path, weight_map: dict[str, str],
                 "file but its header does not have it (nor does any other file); the file is "
                 "incomplete or from another download")
 
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size

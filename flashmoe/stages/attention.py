@@ -7,15 +7,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from flashmoe.models import Family
-from flashmoe.runtime.mlx_worker import MlxWorker
 from flashmoe.stages.messages import Attended
 
 
 class AttentionStage:
     """Pure graph building, run inside the router's device trip (one trip per layer)."""
 
-    def __init__(self, worker: MlxWorker, family: Family) -> None:
-        self.worker, self.family = worker, family
+    def __init__(self, family: Family) -> None:
+        self.family = family
 
     def build(self, index: int, layer: nn.Module, x_fn: Callable[[], mx.array], mask: Any,
               cache: Any) -> Attended:

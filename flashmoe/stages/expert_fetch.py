@@ -6,7 +6,7 @@ import asyncio
 from flashmoe.errors import ExpertReadError
 from flashmoe.runtime.direct import Copy, DirectBounce, copy_all
 from flashmoe.runtime.expert_store import ExpertStore
-from flashmoe.runtime.io_pool import IOPool, ReadJob
+from flashmoe.runtime.io_pool import PAGE, IOPool, ReadJob, ReadLabel
 from flashmoe.runtime.packed import expert_hash
 from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
 from flashmoe.stages.messages import Fetched, StepStats
@@ -61,9 +61,8 @@ class ExpertFetchStage:
         for e, s in grant.misses:
             for i, (part, rng, view) in enumerate(zip(parts, self.store.ranges(layer, e),
                                                       pool.store.views(s))):
-                what = f"layer {layer} expert {e} {part.key} ({self.store.files[rng.file_id].name})"
-                aligned_end = -(-(rng.offset + rng.nbytes) // 4096) * 4096
-                if bounce is not None and aligned_end <= self.store.sizes[rng.file_id]:
+                what = ReadLabel(layer, e, part.key, self.store.names[rng.file_id])
+                if bounce is not None and _aligned_end(rng) <= self.store.sizes[rng.file_id]:
                     job, cp = bounce.job(self.store.direct_fds[rng.file_id], rng.offset, view, s,
                                          i, what)
                     jobs.append(job)
@@ -88,3 +87,8 @@ class ExpertFetchStage:
                     f"checksum mismatch: layer {layer} expert {e} in "
                     f"{self.store.files[rng.file_id]} at offset {rng.offset} does not match the "
                     "packed manifest; the file is corrupt, re-run task=pack")
+
+
+def _aligned_end(rng) -> int:
+    """End of the page-aligned superset an O_DIRECT read of `rng` needs."""
+    return -(-(rng.offset + rng.nbytes) // PAGE) * PAGE

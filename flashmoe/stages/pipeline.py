@@ -34,7 +34,7 @@ class Pipeline:
         self.layers = fam.layers(resident.model)
         quant = {i: {p: (b, g, m) for p, b, g, m in le.quant}
                  for i, le in resident.experts.items()}
-        self.attention = AttentionStage(worker, fam)
+        self.attention = AttentionStage(fam)
         self.router = RouterStage(worker, fam, k)
         self.fetch = ExpertFetchStage(store, pools, io, verify)
         self.compute = ExpertComputeStage(worker, fam, pools, quant)

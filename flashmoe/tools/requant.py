@@ -30,6 +30,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
 from flashmoe.errors import CheckpointError, ConfigError, FlashMoeError
+from flashmoe.runtime.safetensors_index import read_file_header
 
 ALLOWED_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -113,16 +114,8 @@ def requant(src: Path, dst: Path, *, bits: int, group_size: int = 64,
 
 def read_header(file: Path) -> tuple[dict[str, Tensor], dict]:
     """Tensors of one safetensors file (absolute offsets) and its __metadata__."""
-    try:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError) as e:
-        raise CheckpointError(f"cannot read the safetensors header of {file}: {e}; the shard is "
-                              "missing or truncated, re-download the checkpoint") from e
-    meta = header.pop("__metadata__", {})
-    return {k: Tensor(file.name, v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0],
-                      8 + n + v["data_offsets"][1]) for k, v in header.items()}, meta
+    infos, meta = read_file_header(file)
+    return {k: Tensor(file.name, t.dtype, t.shape, t.start, t.end) for k, t in infos.items()}, meta
 
 
 def _check_args(bits: int, group_size: int, layer_bits: dict[int, int], chunk: int) -> None:
