@@ -20,6 +20,7 @@ import xxhash
 
 from flashmoe.errors import CheckpointError
 from flashmoe.runtime.expert_store import LayerExperts
+from flashmoe.runtime.fileio import pread_exact
 
 FORMAT = "flashmoe-packed/1"
 DIRNAME = "flashmoe-packed"
@@ -82,7 +83,8 @@ def _pack_layer(le: LayerExperts, root: Path, align: int, progress: Callable | N
             for e in range(le.num_experts):
                 pos = 0
                 for part, t in zip(le.parts, le.tensors):
-                    _pread_exact(fds[t.file], blob[pos:pos + part.nbytes], t.start + e * part.nbytes)
+                    pread_exact(fds[t.file], memoryview(blob[pos:pos + part.nbytes]),
+                                t.start + e * part.nbytes, str(t.file))
                     pos += part.nbytes
                 sums.append(xxhash.xxh64(memoryview(blob[:size])).hexdigest())
                 out.write(memoryview(blob))
@@ -93,16 +95,6 @@ def _pack_layer(le: LayerExperts, root: Path, align: int, progress: Callable | N
             os.close(fd)
     return {"file": name, "stride": stride, "num_experts": le.num_experts,
             "parts": [{"key": p.key, "nbytes": p.nbytes} for p in le.parts], "xxh64": sums}
-
-
-def _pread_exact(fd: int, view: np.ndarray, offset: int) -> None:
-    got = 0
-    while got < view.nbytes:
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            raise CheckpointError(f"source file ended at offset {offset + got} while packing; "
-                                  "the checkpoint is truncated")
-        got += n
 
 
 def read_manifest(root: Path, layers: dict[int, LayerExperts]) -> dict[int, PackedLayer]:

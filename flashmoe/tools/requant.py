@@ -14,47 +14,28 @@ import json
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
-import numpy as np
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
 from flashmoe.errors import CheckpointError, ConfigError, FlashMoeError
+from flashmoe.runtime.fileio import pwrite_all
 from flashmoe.runtime.safetensors_index import read_file_header
+from flashmoe.tools.shards import Advance, Tensor, copy, layout, read_rows, write_rows
 
 ALLOWED_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 PARTS = ("weight", "scales", "biases")
-_COPY_BYTES = 64 << 20  # bounded buffer: embeddings of big models are GB-sized
 _INDEX = "model.safetensors.index.json"
 _EXPERT = re.compile(r"^(?P<path>(?:.*\.)?layers\.(?P<layer>\d+)\..*switch_mlp\."
                      r"(?:gate|up|down)_proj)\.(?P<part>weight|scales|biases)$")
-# safetensors dtype → (numpy storage, mlx dtype); bf16 crosses numpy as uint16 bits
-_DTYPES: dict[str, tuple[Any, mx.Dtype]] = {
-    "U32": (np.uint32, mx.uint32), "F32": (np.float32, mx.float32),
-    "F16": (np.float16, mx.float16), "BF16": (np.uint16, mx.bfloat16),
-}
-Advance = Callable[[int], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Tensor:
-    """One tensor of a safetensors file: absolute byte range [start, end) of `file`."""
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,39 +212,18 @@ def _write_shards(src: Path, work: Path, tensors: dict[str, Tensor], metas: dict
             fds_out[fname] = os.open(work / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             stack.callback(os.close, fds_out[fname])
             mine = {k: t for k, t in tensors.items() if t.file == fname}
-            header, placed = _layout(fname, mine, new, metas[fname])
-            _pwrite(fds_out[fname], memoryview(header), 0)
+            header, placed = layout(fname, mine, new, metas[fname])
+            pwrite_all(fds_out[fname], memoryview(header), 0)
             os.ftruncate(fds_out[fname], max([len(header), *(t.end for t in placed.values())]))
             out.update(placed)
         for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].file, kv[1].start)):
             if name not in new:
                 o = out[name]
-                _copy(fds_in[t.file], t.start, fds_out[o.file], o.start, t.end - t.start, advance)
+                copy(fds_in[t.file], t.start, fds_out[o.file], o.start, t.end - t.start, advance)
             elif name.endswith(".weight"):
                 _requant_projection(changed[name[:-len(".weight")]], out, fds_in, fds_out,
                                     chunk, advance)
     return out
-
-
-def _layout(fname: str, tensors: dict[str, Tensor], new: dict[str, tuple[str, tuple]],
-            meta: dict) -> tuple[bytes, dict[str, Tensor]]:
-    """Header bytes and placement of one output shard (same tensor order as the source)."""
-    entries: dict[str, Any] = {"__metadata__": meta} if meta else {}
-    entries.update(dict.fromkeys(tensors))  # source key order: unchanged shards stay identical
-    offset = 0
-    for name, t in sorted(tensors.items(), key=lambda kv: kv[1].start):
-        dtype, shape = new.get(name, (t.dtype, t.shape))
-        size = (t.end - t.start) if name not in new else \
-            int(np.prod(shape)) * np.dtype(_DTYPES[dtype][0]).itemsize
-        entries[name] = {"data_offsets": [offset, offset + size], "dtype": dtype,
-                         "shape": list(shape)}
-        offset += size
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # safetensors aligns the data start to 8 bytes
-    base = 8 + len(header)
-    return struct.pack("<Q", len(header)) + header, {
-        k: Tensor(fname, e["dtype"], tuple(e["shape"]), base + e["data_offsets"][0],
-                  base + e["data_offsets"][1]) for k, e in entries.items() if k != "__metadata__"}
 
 
 def _requant_projection(p: Projection, out: dict[str, Tensor], fds_in: dict[str, int],
@@ -272,58 +232,13 @@ def _requant_projection(p: Projection, out: dict[str, Tensor], fds_in: dict[str,
     E = p.weight.shape[0]
     for e0 in range(0, E, chunk):
         e1 = min(e0 + chunk, E)
-        w, s, b = (_read_rows(fds_in[t.file], t, e0, e1) for t in (p.weight, p.scales, p.biases))
+        w, s, b = (read_rows(fds_in[t.file], t, e0, e1) for t in (p.weight, p.scales, p.biases))
         deq = mx.dequantize(w, s, b, group_size=g0, bits=b0)  # [n, out, in], scales' dtype
         new = mx.quantize(deq, group_size=g1, bits=b1)
         mx.eval(new)
         for part, arr in zip(PARTS, new):
-            _write_rows(fds_out, out[f"{p.path}.{part}"], e0, arr)
+            write_rows(fds_out, out[f"{p.path}.{part}"], e0, arr)
         advance(sum((t.end - t.start) // E * (e1 - e0) for t in (p.weight, p.scales, p.biases)))
-
-
-def _read_rows(fd: int, t: Tensor, e0: int, e1: int) -> mx.array:
-    if t.dtype not in _DTYPES:
-        raise CheckpointError(f"expert tensor dtype {t.dtype} in {t.file} is not one of "
-                              f"{sorted(_DTYPES)}; requant cannot read it")
-    row = (t.end - t.start) // t.shape[0]
-    buf = np.empty((e1 - e0) * row, np.uint8)
-    _pread(fd, memoryview(buf), t.start + e0 * row, t.file)
-    storage, dtype = _DTYPES[t.dtype]
-    a = mx.array(buf.view(storage)).reshape(e1 - e0, *t.shape[1:])
-    return a if a.dtype == dtype else a.view(dtype)
-
-
-def _write_rows(fds: dict[str, int], t: Tensor, e0: int, arr: mx.array) -> None:
-    assert arr.dtype == _DTYPES[t.dtype][1] and tuple(arr.shape[1:]) == t.shape[1:]
-    data = np.array(arr.view(mx.uint16) if arr.dtype == mx.bfloat16 else arr)
-    row = (t.end - t.start) // t.shape[0]
-    _pwrite(fds[t.file], memoryview(data).cast("B"), t.start + e0 * row)
-
-
-def _copy(fd_in: int, src_off: int, fd_out: int, dst_off: int, size: int,
-          advance: Advance) -> None:
-    buf = memoryview(bytearray(min(size, _COPY_BYTES)))
-    for done in range(0, size, _COPY_BYTES):
-        n = min(_COPY_BYTES, size - done)
-        _pread(fd_in, buf[:n], src_off + done, f"fd {fd_in}")
-        _pwrite(fd_out, buf[:n], dst_off + done)
-        advance(n)
-
-
-def _pread(fd: int, buf: memoryview, offset: int, what: str) -> None:
-    got = 0
-    while got < len(buf):
-        n = os.preadv(fd, [buf[got:]], offset + got)
-        if n == 0:
-            raise CheckpointError(f"{what} ends before byte {offset + len(buf)}: the shard is "
-                                  "truncated; re-download the checkpoint")
-        got += n
-
-
-def _pwrite(fd: int, buf: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(buf):
-        done += os.pwrite(fd, buf[done:], offset + done)
 
 
 def _write_index(src: Path, work: Path, weight_map: dict[str, str], out: dict[str, Tensor]) -> None:
