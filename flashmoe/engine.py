@@ -26,6 +26,7 @@ from flashmoe.stages.messages import StepStats
 from flashmoe.stages.pipeline import Pipeline
 from flashmoe.stages.sampling import Sampler, make_sampler
 
+PREFILL_STEP = 2048  # mlx-lm generate_step's prefill_step_size (same splits, same kernels)
 GIB = 2**30  # *_gb config keys are GiB, as RAM is reported
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -204,14 +205,28 @@ class Engine:
         cache, ids, t_start = self.new_cache(), list(prompt), time.perf_counter()
         for n in range(max_tokens):
             stats, t0 = StepStats(), time.perf_counter()
+            if n == 0:
+                ids = await self._prefill(ids, cache, stats)
             logits = await self.pipeline.forward(ids, cache, stats)
             tok = await self.pipeline.sample(logits, stats)
             dt = time.perf_counter() - t0
-            self._account(n == 0, len(ids), dt, stats)
+            self._account(n == 0, len(prompt) if n == 0 else 1, dt, stats)
             yield TokenEvent(tok, len(prompt) + n, stats.as_dict(), time.perf_counter() - t_start)
             if tok in stop:
                 return
             ids = [tok]
+
+    async def _prefill(self, ids: list[int], cache: list[Any], stats: StepStats) -> list[int]:
+        """All prompt tokens but the last, in mlx-lm's steps; returns the last one.
+
+        mlx-lm's generate_step runs the prompt exactly so (then the last token as the first
+        decode step): on GPU backends a kernel's rounding depends on the call's shape, so only
+        the same splits give the same bits."""
+        while len(ids) > 1:
+            n = min(PREFILL_STEP, len(ids) - 1)
+            await self.pipeline.forward(ids[:n], cache, stats, head=False)
+            ids = ids[n:]
+        return ids
 
     def _account(self, first: bool, n_ids: int, dt: float, stats: StepStats) -> None:
         t = self.totals

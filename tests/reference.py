@@ -39,3 +39,17 @@ async def flashmoe_greedy(path: Path, prompt: list[int], n: int, **opts):
     finally:
         await engine.aclose()
     return toks, last, engine
+
+
+def expert_nbytes(path: Path) -> tuple[int, int]:
+    """Bytes of one routed expert in layer 0, and the checkpoint's experts per token."""
+    import json
+
+    from flashmoe.runtime.safetensors_index import CheckpointIndex
+
+    cfg = json.loads((path / "config.json").read_text())
+    text = cfg.get("text_config") or cfg
+    n = text.get("num_experts") or text.get("num_local_experts")
+    layer0 = sum(t.nbytes for name, t in CheckpointIndex.open(path).tensors.items()
+                 if ".layers.0." in name and (".switch_mlp." in name or ".experts." in name))
+    return layer0 // n, int(text["num_experts_per_tok"])

@@ -43,8 +43,11 @@ class Pipeline:
         self.k = k
 
     async def forward(self, ids: list[int], cache: list[Any], stats: StepStats,
-                      all_logits: bool = False) -> mx.array:
-        """Logits [1, L, V] (or [1, 1, V] for the last position) for `ids` after `cache`."""
+                      all_logits: bool = False, head: bool = True) -> mx.array | None:
+        """Logits [1, L, V] (or [1, 1, V] for the last position) for `ids` after `cache`.
+
+        head=False (a prefill step): only the caches are brought up to date, as mlx-lm's
+        prefill evaluates only the cache states; the last layer's experts are not needed."""
         fam, model = self.r.family, self.r.model
         x0 = await self.worker.build(self._embed, ids)
         masks = await self.worker.build(fam.masks, model, x0, cache)
@@ -59,6 +62,9 @@ class Pipeline:
                     continue
                 x_fn = await self._experts(att_fn, block, stats, decode=len(ids) == 1)
             t0 = time.perf_counter()
+            if not head:
+                await self.worker.run(lambda: [c.state for c in cache])
+                return None
             logits = await self.worker.run(lambda: self._head(x_fn(), all_logits))
             stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
             return logits
