@@ -28,6 +28,10 @@ from flashmoe.stages.sampling import Sampler, make_sampler
 
 PREFILL_STEP = 2048  # mlx-lm generate_step's prefill_step_size (same splits, same kernels)
 GIB = 2**30  # *_gb config keys are GiB, as RAM is reported
+# MLX CUDA's gather_qmm (its qmm path, rows x k >= 8) addresses an expert stack with 32-bit byte
+# offsets: an expert lying past 2 GiB of a slot array is read from the wrong place (measured on
+# the H200, RELIABILITY.md). Pools are split so no slot array is larger.
+MAX_SLOT_ARRAY_BYTES = 2**31
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -156,10 +160,18 @@ class Engine:
                     f"cache.budget_gb={budget} holds {n} experts of {spec.expert_nbytes / 2**20:.2f} MiB "
                     f"but one layer needs {self.k} (experts_per_token); use at least {need:.3g}")
             n = min(n, self.num_experts * len(layers))
-            pool = SlotPool(spec, n, self.options.cache_policy,
-                            upcast=self.options.dtype == "float32")
-            pools.update({i: pool for i in layers})
+            for group, slots in _split_under_cap(layers, n, self._slot_cap(spec)):
+                pool = SlotPool(spec, slots, self.options.cache_policy,
+                                upcast=self.options.dtype == "float32")
+                pools.update({i: pool for i in group})
         return pools
+
+    def _slot_cap(self, spec) -> int:
+        """Most slots one pool may hold: each part's slot array stays within 2 GiB."""
+        widen = 2 if self.options.dtype == "float32" else 1  # bf16/f16 parts held as f32
+        largest = max(p.nbytes * (widen if p.dtype in (mx.bfloat16, mx.float16) else 1)
+                      for p in spec.parts)
+        return max(1, MAX_SLOT_ARRAY_BYTES // largest)
 
     def unique_pools(self) -> list[SlotPool]:
         """Each pool once (layers with one expert layout share a pool)."""
@@ -249,3 +261,13 @@ class Engine:
         self.io.close()
         self.store.close()
         self.worker.close()
+
+
+def _split_under_cap(layers: list[int], n: int, cap: int) -> list[tuple[list[int], int]]:
+    """Share `n` slots among pools of at most `cap` slots, each serving a block of layers."""
+    if n <= cap:
+        return [(layers, n)]
+    count = min(-(-n // cap), len(layers))
+    blocks = [layers[i * len(layers) // count:(i + 1) * len(layers) // count]
+              for i in range(count)]
+    return [(block, min(cap, n // count)) for block in blocks]

@@ -1,7 +1,7 @@
 """Exactness on a GPU backend (CUDA or Metal): skipped where MLX has no GPU (the CPU CI).
 
 Every prompt position's logits and 32 greedy tokens against resident mlx-lm on the same GPU,
-for the tiny fixtures of all five families and two shape-faithful Qwen3.5 layers, under every
+for the tiny fixtures of all five families and four shape-faithful Qwen3.5 layers, under every
 cache policy, with slot pools small enough that prompts are chunked and every step evicts.
 Compared bit for bit: flashmoe runs the same kernels on the same shapes as mlx-lm.
 """
@@ -76,7 +76,7 @@ async def test_gpu_parity_shaped(tmp_path_factory, k):
     from flashmoe.synth.shaped import build_shaped
 
     root = tmp_path_factory.mktemp("shaped")
-    path = build_shaped(root / "ckpt", layers=2, num_experts=64, vocab_size=4096, progress=False)
+    path = build_shaped(root / "ckpt", layers=4, num_experts=64, vocab_size=4096, progress=False)
     ref = reference(with_k(path, root / f"k{k}", k))
     expert, _ = expert_nbytes(path)
     for name, opts in settings(expert, k).items():
