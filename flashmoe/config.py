@@ -1,6 +1,6 @@
 """Typed configuration: dataclass schemas in Hydra's ConfigStore, validation, readable errors.
 
-The YAML files under flashmoe/conf extend these schemas through their defaults lists
+The YAML files under conf/ extend these schemas through their defaults lists
 (`defaults: [base_io, _self_]`), so Hydra type-checks every value and rejects unknown keys.
 Sizes in `_gb` keys are GiB (2**30 bytes, as macOS and Linux report RAM); `_gbps` keys are
 decimal GB/s, as disks are specified.
@@ -8,16 +8,15 @@ decimal GB/s, as disks are specified.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, Dict, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
+from flashmoe.conf_dir import available_options, conf_dir
 from flashmoe.config_errors import hydra_error_message
 from flashmoe.errors import ConfigError
 
-CONF_MODULE = "flashmoe.conf"
 DEFAULT_PROMPT = "Explain in two sentences why a mixture-of-experts model can run from an SSD."
 BENCH_PROMPT = "Write a short story about a lighthouse keeper who collects maps of the sea."
 
@@ -171,14 +170,6 @@ def register_configs() -> None:
         cs.store(group="task", name=f"base_{schema.name}", node=schema)
 
 
-def available_options(group: str) -> list[str]:
-    """The YAML options of a config group as shipped in the package (schemas excluded)."""
-    folder = resources.files(CONF_MODULE).joinpath(group)
-    if not folder.is_dir():
-        return []
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
 def model_kind(model: DictConfig) -> str:
     """'path', 'synth' or 'demo': a model.path given with the demo group means a real checkpoint."""
     if model.name != "synth" and model.path is not None:
@@ -191,12 +182,12 @@ def compose_config(overrides: Sequence[str] = (), *, return_hydra_config: bool =
 
     Hydra's composition errors come back as ConfigError with a one-line message.
     """
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with initialize_config_module(CONF_MODULE, version_base="1.3"):
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
             return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(hydra_error_message(exc)) from exc

@@ -5,6 +5,8 @@ import re
 from dataclasses import fields, is_dataclass
 from typing import Any, Optional
 
+from flashmoe.conf_dir import available_options
+
 
 def _field_type(schema: Any, key: Any) -> str:
     for f in fields(schema) if is_dataclass(schema) else ():
@@ -40,7 +42,7 @@ def hydra_error_message(exc: BaseException) -> str:
 
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
         group, _, value = exc.missing_cfg_file.rpartition("/")
-        options = [o for o in exc.options or () if not o.startswith("base_")] or _options(group)
+        options = [o for o in exc.options or () if not o.startswith("base_")] or available_options(group)
         return f"{group}={value} is not an option of {group}; available: {', '.join(options)}"
     if isinstance(exc, OverrideParseException):
         return f"could not parse override {exc.override!r}: {exc.message.splitlines()[0]}"
@@ -52,10 +54,3 @@ def hydra_error_message(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return " ".join(lines[:2]) or type(exc).__name__
 
-
-
-
-def _options(group: str) -> list[str]:
-    from flashmoe.config import available_options
-
-    return available_options(group)

@@ -20,7 +20,7 @@ from flashmoe.models.loader import Resident, load_resident
 from flashmoe.runtime.expert_store import ExpertStore
 from flashmoe.runtime.io_pool import IOPool, Reader
 from flashmoe.runtime.mlx_worker import MlxWorker
-from flashmoe.runtime.safetensors_index import CheckpointIndex
+from flashmoe.checkpoints.safetensors_index import CheckpointIndex
 from flashmoe.runtime.slot_pool import SlotPool
 from flashmoe.stages.messages import StepStats
 from flashmoe.stages.pipeline import Pipeline
@@ -122,7 +122,7 @@ class Engine:
 
     def _packed(self) -> dict | None:
         """The packed layout's per-layer blobs, or None to read the original safetensors."""
-        from flashmoe.runtime.packed import DIRNAME, read_manifest
+        from flashmoe.checkpoints.packed import DIRNAME, read_manifest
 
         root, layout = self.path / DIRNAME, self.options.layout
         if layout not in ("auto", "original", "packed"):

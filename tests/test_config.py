@@ -7,16 +7,14 @@ import logging
 import platform
 import re
 import time
-from importlib import resources
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from flashmoe.config import (
-    CONF_MODULE, available_options, compose_config, hydra_error_message, model_kind, validate,
-)
+from flashmoe.conf_dir import available_options, conf_dir
+from flashmoe.config import compose_config, hydra_error_message, model_kind, validate
 from flashmoe.errors import ConfigError
 from flashmoe.runtime.hardware import cuda_available, detect_profile, load_profile, resolve_hardware
 from flashmoe.runtime.logging import LOG_FILE, close_logging, setup_logging
@@ -40,7 +38,7 @@ def test_groups_ship_the_expected_options() -> None:
 
 def test_every_hardware_and_task_composes_and_validates() -> None:
     # One Hydra initialisation for all 36 compositions: each compose costs ~0.2 s here.
-    with initialize_config_module(CONF_MODULE, version_base="1.3"):
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         for hw, task in itertools.product(HARDWARE, TASKS):
             cfg = resolve_hardware(compose("config", overrides=[f"hardware={hw}", f"task={task}"]))
             validate(cfg)
@@ -176,7 +174,7 @@ def test_hydra_settings_keep_stdout_clean() -> None:
 
 
 def test_yaml_files_stay_small() -> None:
-    for path in Path(str(resources.files(CONF_MODULE))).rglob("*.yaml"):
+    for path in conf_dir().rglob("*.yaml"):
         assert 5 <= len(path.read_text().splitlines()) <= 25, path
 
 

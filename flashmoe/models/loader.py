@@ -11,8 +11,8 @@ from mlx.utils import tree_map
 from flashmoe.errors import CheckpointError
 from flashmoe.models import Family, family_for
 from flashmoe.runtime.expert_store import PROJS, LayerExperts, layer_experts
-from flashmoe.runtime.safetensors_index import CheckpointIndex
-from flashmoe.runtime.validate import check_moe_config, check_quantized, checked_classes
+from flashmoe.checkpoints.safetensors_index import CheckpointIndex
+from flashmoe.checkpoints.validate import check_moe_config, check_quantized, checked_classes
 
 
 class StreamedExperts(nn.Module):

@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from flashmoe.errors import CheckpointError, ConfigError
-from flashmoe.runtime.safetensors_index import TensorInfo
+from flashmoe.checkpoints.safetensors_index import TensorInfo
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 FIELDS = ("weight", "scales", "biases")

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import copy
 import platform
-from importlib import resources
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from flashmoe.config import CONF_MODULE, HardwareConfig, available_options
+from flashmoe.conf_dir import available_options, conf_dir
+from flashmoe.config import HardwareConfig
 from flashmoe.errors import ConfigError
 from flashmoe.runtime.memory import total_memory_gb
 
@@ -49,7 +49,7 @@ def detect_profile(
 
 def load_profile(name: str) -> DictConfig:
     """A hardware profile's values, read from its YAML in the package and type-checked."""
-    path = resources.files(CONF_MODULE).joinpath("hardware", f"{name}.yaml")
+    path = conf_dir() / "hardware" / f"{name}.yaml"
     if name == "auto" or not path.is_file():
         options = ", ".join(o for o in available_options("hardware") if o != "auto")
         raise ConfigError(f"hardware={name} is not a concrete hardware profile; available: {options}")

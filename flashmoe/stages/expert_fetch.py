@@ -7,7 +7,7 @@ from flashmoe.errors import ExpertReadError
 from flashmoe.runtime.direct import Copy, DirectBounce, copy_all
 from flashmoe.runtime.expert_store import ExpertStore
 from flashmoe.runtime.io_pool import PAGE, IOPool, ReadJob, ReadLabel
-from flashmoe.runtime.packed import expert_hash
+from flashmoe.checkpoints.packed import expert_hash
 from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
 from flashmoe.stages.messages import Fetched, StepStats
 

@@ -9,8 +9,8 @@ from omegaconf import DictConfig
 from rich.progress import Progress
 
 from flashmoe.engine import Engine, Totals
-from flashmoe.runtime.baseline import run_baseline
-from flashmoe.runtime.probe import drop_page_cache, probe
+from flashmoe.bench.baseline import run_baseline
+from flashmoe.bench.probe import drop_page_cache, probe
 from flashmoe.tasks.common import (STAGE_KEYS, SYNTHETIC_NOTE, open_engine, run_summary,
                                    token_figures, warn_device)
 from flashmoe.config import model_kind

@@ -5,7 +5,7 @@ Only the stacked `...switch_mlp.{gate,up,down}_proj.{weight,scales,biases}` tens
 byte for byte into a shard of the same name. The output layout is planned from the headers up
 front and filled with pwrite, `chunk_experts` experts at a time, so peak memory is one chunk.
 
-    python -m flashmoe.tools.requant SRC DST --bits 2 [--group-size 64] [--layer-bits 0=4,3=8]
+    python -m flashmoe.checkpoints.requant SRC DST --bits 2 [--group-size 64] [--layer-bits 0=4,3=8]
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
 
 from flashmoe.errors import CheckpointError, ConfigError, FlashMoeError
 from flashmoe.runtime.fileio import pwrite_all
-from flashmoe.runtime.safetensors_index import read_file_header
-from flashmoe.tools.shards import Advance, Tensor, copy, layout, read_rows, write_rows
+from flashmoe.checkpoints.safetensors_index import read_file_header
+from flashmoe.checkpoints.shards import Advance, Tensor, copy, layout, read_rows, write_rows
 
 ALLOWED_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -275,7 +275,7 @@ def _progress_bar(enabled: bool) -> Progress:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flashmoe.tools.requant", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m flashmoe.checkpoints.requant", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", type=Path)
     ap.add_argument("dst", type=Path)

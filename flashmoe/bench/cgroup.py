@@ -1,7 +1,7 @@
 """Run a process under a memory limit with a cgroup (v2 `memory.max` or v1
 `memory.limit_in_bytes`; page cache counts in both). Needs root, as on the bench machines.
 
-    python -m flashmoe.runtime.cgroup 8 -- python -m flashmoe task=bench ...
+    python -m flashmoe.bench.cgroup 8 -- python -m flashmoe task=bench ...
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def peak_gb(cg: Path) -> float | None:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m flashmoe.runtime.cgroup LIMIT_GB -- COMMAND ...", file=sys.stderr)
+        print("usage: python -m flashmoe.bench.cgroup LIMIT_GB -- COMMAND ...", file=sys.stderr)
         return 2
     cg, how = make(f"flashmoe-run-{os.getpid()}", float(argv[0]))
     print(f"flashmoe.cgroup: limit {how}", file=sys.stderr)
