@@ -60,8 +60,9 @@ def main(cfg: DictConfig) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         if summary is None:
-            engine = state.get("engine")
-            summary = run_summary(cfg, engine, engine.totals if engine else None, status)
+            engine, session = state.get("engine"), state.get("session")
+            totals = session.totals if session else engine.totals if engine else None
+            summary = run_summary(cfg, engine, totals, status)
         log.info("run_summary", **summary)
         if status != "error":  # an error's one line is the cause, printed above
             _print_summary(summary, run_dir)

@@ -69,15 +69,14 @@ async def open_engine(cfg: DictConfig, **extra: Any) -> Engine:
 
 
 def warn_device(engine: Engine, log: Any) -> None:
-    w = engine.worker
-    if w.requested != w.device:
-        log.warning("device_unavailable", requested=w.requested, using=w.device,
+    if engine.requested_device != engine.device:
+        log.warning("device_unavailable", requested=engine.requested_device, using=engine.device,
                     dtype=engine.options.dtype,
                     hint="this MLX build has no GPU backend; running on the CPU in float32")
 
 
 def max_context(engine: Engine) -> int | None:
-    cfg = engine.resident.config
+    cfg = engine.config
     return (cfg.get("text_config", cfg)).get("max_position_embeddings")
 
 
@@ -89,14 +88,14 @@ def run_summary(cfg: DictConfig, engine: Engine | None, totals: Totals | None,
         "io_threads": cfg.io.threads, "cache_policy": cfg.cache.policy,
         "experts_per_token": engine.k if engine else cfg.model.experts_per_token,
         "peak_rss_gb": round(peak_rss_gb(), 3),
-        "device": engine.worker.device if engine else cfg.hardware.device,
+        "device": engine.device if engine else cfg.hardware.device,
     }
     if engine is not None and totals is not None:
         out.update(token_figures(totals))
         hits, misses = engine.cache_stats()
         out["cache_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else 0.0
         out["model_path"] = str(engine.path)
-        out["model_type"] = engine.resident.config.get("model_type")
+        out["model_type"] = engine.config.get("model_type")
         out["slot_gb"] = round(engine.slot_bytes / 1e9, 3)
     out.update(extra)
     return out

@@ -1,6 +1,6 @@
 """task=ppl: perplexity of a text file through the streaming engine, optionally against mlx-lm.
 
-Each window's whole prompt runs exactly through the streaming stages (Engine.logits); with
+Each window's whole prompt runs exactly through the streaming stages (Session.logits); with
 task.reference=mlx_lm the same windows also run through resident mlx-lm, in the engine's MLX
 thread, and the summary adds kl_mean (KL(mlx-lm || flashmoe)), top1_agreement and ref_ppl.
 See QUALITY.md for the scheme and the numbers.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,6 +47,7 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     """Score every window of `data`; `state` lets the caller summarise an interrupted run."""
     text, source = read_text(cfg.data)
     engine = state["engine"] = await open_engine(cfg)
+    session = state["session"] = engine.session()
     warn_device(engine, log)
     task = cfg.task
     ids = tokenize(engine, text)
@@ -66,7 +66,7 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     with _progress() as bar:
         job = bar.add_task("ppl", total=len(windows), ppl=float("nan"))
         for i, w in enumerate(windows):
-            logits = await _engine_logits(engine, ids[w.begin:w.end])
+            logits = await session.logits(ids[w.begin:w.end])  # accounted as prompt tokens
             ref_logits = await reference_logits(engine, ref, ids[w.begin:w.end],
                                                 logits.shape) if ref else None
             scores.append(score_window(w, ids, logits, ref_logits))
@@ -74,13 +74,13 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
             bar.update(job, advance=1, ppl=summarize(scores)["ppl"])
     result = summarize(scores, reference=ref is not None)
     extra = {"data": source, "data_tokens": len(ids), "context": task.context,
-             "stride": task.stride, **_rounded(result), **io_figures(engine.totals)}
+             "stride": task.stride, **_rounded(result), **io_figures(session.totals)}
     if ref is not None:
         extra.update(reference="mlx_lm", reference_k=ref.k, reference_path=str(ref.path),
                      k_reference=task.k_reference)
     if model_kind(cfg.model) in ("demo", "synth"):
         extra["note"] = RANDOM_NOTE
-    summary = run_summary(cfg, engine, engine.totals, "ok", **extra)
+    summary = run_summary(cfg, engine, session.totals, "ok", **extra)
     for key in DECODE_ONLY:  # no token is generated: these would read 0 or mislead
         summary.pop(key, None)
     return summary
@@ -122,15 +122,6 @@ def tokenize(engine: Engine, text: str) -> list[int]:
         hf_logging.set_verbosity(level)
 
 
-async def _engine_logits(engine: Engine, ids: Sequence[int]) -> np.ndarray:
-    """One exact streaming pass over the window, accounted as prompt tokens."""
-    t0 = time.perf_counter()
-    logits = await engine.logits(ids)
-    engine.totals.prompt_tokens += len(ids)
-    engine.totals.prompt_s += time.perf_counter() - t0
-    return logits
-
-
 async def load_reference(engine: Engine, reference_path: str | None, k_reference: str,
                          text: str, memory_gb: float | None = None) -> Reference:
     """mlx-lm resident on the engine's checkpoint (or `reference_path`), in the MLX thread.
@@ -156,7 +147,7 @@ async def load_reference(engine: Engine, reference_path: str | None, k_reference
         patched = {**text_cfg, "num_experts_per_tok": k}
         overrides = {"text_config": patched} if "text_config" in config else patched
     dtype = DTYPES.get(engine.options.dtype) if engine.options.dtype else None
-    model, tokenizer = await engine.worker.build(_load_mlx_lm, path, overrides, dtype)
+    model, tokenizer = await engine.in_mlx_thread(_load_mlx_lm, path, overrides, dtype)
     if path != engine.path and list(tokenizer.encode(text[:4096])) != engine.encode(text[:4096]):
         raise ConfigError(f"task.reference_path={reference_path} tokenizes the text differently "
                           f"from {engine.path}; KL needs both models on one tokenizer")
@@ -214,8 +205,8 @@ def _cast_embeddings(model: nn.Module, dtype: mx.Dtype) -> None:
 async def reference_logits(engine: Engine, ref: Reference, ids: Sequence[int],
                            shape: tuple[int, ...]) -> np.ndarray:
     """mlx-lm's logits for every position of `ids` [L, V] (float32), checked against `shape`."""
-    (out,) = await engine.worker.numpy(
-        lambda: (ref.model(mx.array([list(ids)]))[0].astype(mx.float32),))
+    out = await engine.in_mlx_thread(
+        lambda: np.array(ref.model(mx.array([list(ids)]))[0].astype(mx.float32)))
     if out.shape != tuple(shape):
         raise CheckpointError(f"the reference {ref.path} gives logits of shape {out.shape}, "
                               f"flashmoe {tuple(shape)}: the vocabularies differ, so KL is "

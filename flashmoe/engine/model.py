@@ -1,77 +1,39 @@
-"""The Python API: open a checkpoint, stream tokens. The CLI, bench and ppl tasks use it.
+"""The Model: one opened checkpoint, shared by any number of sessions.
 
-    engine = await Engine.open("path/to/checkpoint", EngineOptions(io_split=4))
-    async for ev in engine.generate(engine.encode("Hello"), max_tokens=32):
-        print(engine.decode([ev.token_id]), end="")
-    await engine.aclose()
+    model = await Model.open("path/to/checkpoint", EngineOptions(io_split=4))
+    session = model.session()
+    async for ev in session.generate(model.encode("Hello"), max_tokens=32):
+        print(model.decode([ev.token_id]), end="")
+    await model.aclose()
+
+It holds what does not change between generations: the resident weights, the expert store,
+the slot pools (the expert cache), the I/O pool and the MLX thread. Per-generation state
+(KV cache, sampler, stats) lives in a Session.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import asyncio
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
-import mlx.core as mx
-import numpy as np
-
+from flashmoe.engine.options import EngineOptions
+from flashmoe.engine.session import Session, Totals
 from flashmoe.errors import CheckpointError, ConfigError
 from flashmoe.models.loader import Resident, load_resident
 from flashmoe.runtime.expert_store import ExpertStore
-from flashmoe.runtime.io_pool import IOPool, Reader
+from flashmoe.runtime.io_pool import IOPool
 from flashmoe.runtime.mlx_worker import MlxWorker
 from flashmoe.checkpoints.safetensors_index import CheckpointIndex
 from flashmoe.runtime.slot_pool import SlotPool
-from flashmoe.stages.messages import StepStats
+from flashmoe.stages.observer import ReadObserver
 from flashmoe.stages.pipeline import Pipeline
-from flashmoe.stages.sampling import Sampler, make_sampler
+from flashmoe.stages.sampling import Sampler
 
 GIB = 2**30  # *_gb config keys are GiB, as RAM is reported
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class EngineOptions:
-    """Everything the engine needs; the Hydra config maps onto this one to one."""
-
-    experts_per_token: int | None = None  # None: the model's own K
-    io_split: int = 1
-    io_threads: int = 4
-    io_retries: int = 3
-    io_direct: bool = False  # O_DIRECT reads via aligned bounce buffers (skips the page cache)
-    io_verify: bool = False  # check each read expert's xxh64 (needs the packed layout)
-    layout: str = "auto"  # auto | original | packed (auto: packed when <ckpt>/flashmoe-packed exists)
-    cache_policy: str = "lru"
-    cache_budget_gb: float | None = None  # None: the minimum, two tokens' worth of slots
-    prefetch: bool = False  # speculative read of the next layer's likely experts
-    device: str = "cpu"
-    dtype: str | None = None  # activations; None keeps the checkpoint's dtype (mlx-lm parity)
-    reader: Reader | None = None  # injectable pread, for fault tests
-    on_io_retry: Callable[..., None] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
-    """One generated token and what producing it cost."""
-
-    token_id: int
-    position: int
-    stats: dict
-    elapsed_s: float
-
-
-@dataclass(slots=True)
-class Totals:
-    """Running sums over a generation, for the run summary."""
-
-    prompt_tokens: int = 0
-    prompt_s: float = 0.0
-    decode_tokens: int = 0
-    decode_s: float = 0.0
-    steps: list[StepStats] = field(default_factory=list)
-
-
-class Engine:
+class Model:
     def __init__(self, path: Path, options: EngineOptions, worker: MlxWorker, index: CheckpointIndex,
                  resident: Resident) -> None:
         self.path, self.options, self.worker, self.index = path, options, worker, index
@@ -90,22 +52,21 @@ class Engine:
             self.io.close()
             raise
         self.tokenizer: Any = None
-        self.totals = Totals()
-        dtype = DTYPES.get(options.dtype) if options.dtype else None
         self.pipeline = Pipeline(resident, worker, self.store, self.pools, self.io, self.k,
-                                 make_sampler(), dtype, verify=options.io_verify,
+                                 options.mx_dtype, verify=options.io_verify,
                                  prefetch=options.prefetch)
+        # one step at a time on the shared slots and MLX thread; sessions take turns
+        self.step_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: str | Path, options: EngineOptions | None = None,
-                   tokenizer: bool = True) -> "Engine":
+                   tokenizer: bool = True) -> "Model":
         """Validate headers, load the resident part in the MLX thread, allocate slots."""
         path, options = Path(path), options or EngineOptions()
         index = CheckpointIndex.open(path)
         worker = MlxWorker(options.device)
         try:
-            resident = await worker.build(load_resident, path, index,
-                                          DTYPES.get(options.dtype) if options.dtype else None)
+            resident = await worker.build(load_resident, path, index, options.mx_dtype)
             engine = cls(path, options, worker, index, resident)
         except BaseException:
             worker.close()
@@ -182,44 +143,34 @@ class Engine:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
-    async def logits(self, ids: Sequence[int], cache: list[Any] | None = None) -> np.ndarray:
-        """Logits for every position of `ids` [L, V] (float32), for tests, ppl and KL."""
-        cache = cache if cache is not None else self.new_cache()
-        stats = StepStats()
-        out = await self.pipeline.forward(list(ids), cache, stats, all_logits=True)
-        self.totals.steps.append(stats)
-        (arr,) = await self.worker.numpy(lambda: (out[0].astype(mx.float32),))
-        return arr
+    @property
+    def config(self) -> dict:
+        """The checkpoint's config.json."""
+        return self.resident.config
 
-    async def generate(self, prompt: Sequence[int], max_tokens: int,
-                       sampler: Sampler | None = None,
-                       stop: Sequence[int] = ()) -> AsyncIterator[TokenEvent]:
-        """Prompt in one exact pass, then one token per step; yields as tokens arrive."""
-        if max_tokens < 1:
-            raise ConfigError(f"max_tokens={max_tokens} must be at least 1")
-        if not prompt:
-            raise ConfigError("prompt is empty (0 tokens); give some text, e.g. prompt=\"Hello\"")
-        if sampler is not None:
-            self.pipeline.sampling.sampler = sampler
-        cache, ids, t_start = self.new_cache(), list(prompt), time.perf_counter()
-        for n in range(max_tokens):
-            stats, t0 = StepStats(), time.perf_counter()
-            logits = await self.pipeline.forward(ids, cache, stats)
-            tok = await self.pipeline.sample(logits, stats)
-            dt = time.perf_counter() - t0
-            self._account(n == 0, len(ids), dt, stats)
-            yield TokenEvent(tok, len(prompt) + n, stats.as_dict(), time.perf_counter() - t_start)
-            if tok in stop:
-                return
-            ids = [tok]
+    @property
+    def files(self) -> list[Path]:
+        """The files expert bytes are read from (for page-cache dropping)."""
+        return list(self.store.files)
 
-    def _account(self, first: bool, n_ids: int, dt: float, stats: StepStats) -> None:
-        t = self.totals
-        if first:
-            t.prompt_tokens, t.prompt_s = t.prompt_tokens + n_ids, t.prompt_s + dt
-        else:
-            t.decode_tokens, t.decode_s = t.decode_tokens + 1, t.decode_s + dt
-        t.steps.append(stats)
+    @property
+    def device(self) -> str:
+        """Where MLX runs: "gpu" or "cpu" (a GPU profile on a CPU-only build runs on the CPU)."""
+        return self.worker.device
+
+    @property
+    def requested_device(self) -> str:
+        return self.worker.requested
+
+    async def in_mlx_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) in the model's MLX thread (e.g. a reference model beside it); return
+        values are not evaluated: convert them there (np.array) if they must be."""
+        return await self.worker.build(fn, *args)
+
+    def session(self, sampler: Sampler | None = None, observer: ReadObserver | None = None,
+                read_experts: bool = True, totals: Totals | None = None) -> Session:
+        """A new generation on this model (its own KV cache, sampler and stats)."""
+        return Session(self, sampler, observer, read_experts, totals)
 
     def reset_cache(self) -> None:
         """Empty the expert cache (slots), e.g. before a cold measurement."""
