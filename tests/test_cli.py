@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-TOKEN_KEYS = {"token_id", "position", "attention_ms", "router_ms", "expert_fetch_ms",
+TOKEN_KEYS = {"token_id", "position", "device_trip_ms", "route_host_ms", "expert_fetch_ms",
               "expert_compute_ms", "sampling_ms", "bytes_read", "experts_fetched"}
 SUMMARY_KEYS = {"tok_s", "ttft_s", "expert_io_ms_per_token", "expert_gb_per_token", "peak_rss_gb",
                 "io_split", "io_threads", "hardware", "experts_per_token", "status"}

@@ -80,9 +80,9 @@ class Pipeline:
                     continue
                 att, routed = await self.route(step, att_fn, block)
                 x_fn = await self.experts(step, att, routed, block)
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # the last trip: last layer's experts, norm, lm head
             logits = await self.worker.run(lambda: self._head(x_fn(), all_logits))
-            step.stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
+            step.stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
             return logits
         finally:
             if step.prefetch is not None:

@@ -133,4 +133,5 @@ def prefetch_figures(steps: list) -> dict:
     return {"prefetch_accuracy": round(hits / needed, 4), "prefetch_issued": issued}
 
 
-STAGE_KEYS = ("attention_ms", "router_ms", "expert_fetch_ms", "expert_compute_ms", "sampling_ms")
+STAGE_KEYS = ("device_trip_ms", "route_host_ms", "expert_fetch_ms", "expert_compute_ms",
+              "sampling_ms")
