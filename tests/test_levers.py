@@ -74,9 +74,9 @@ async def test_stale_or_missing_pack_is_refused(packed, tmp_path):
     with pytest.raises(CheckpointError, match="changed since it was packed"):
         await flashmoe_greedy(stale, PROMPT, 1)
     shutil.rmtree(stale / DIRNAME)
-    with pytest.raises(CheckpointError, match="run `python -m flashmoe task=pack"):
+    with pytest.raises(CheckpointError, match="pack the checkpoint first"):
         await flashmoe_greedy(stale, PROMPT, 1, layout="packed")
-    with pytest.raises(ConfigError, match="io.verify=true needs the packed layout"):
+    with pytest.raises(ConfigError, match="io_verify=true needs the packed layout"):
         await flashmoe_greedy(stale, PROMPT, 1, io_verify=True)
 
 

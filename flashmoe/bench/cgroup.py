@@ -10,13 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flashmoe.constants import GIB
+
 V2 = Path("/sys/fs/cgroup")
 V1 = Path("/sys/fs/cgroup/memory")
 
 
 def make(name: str, limit_gb: float) -> tuple[Path | None, str]:
     """A fresh memory cgroup; (path, description) or (None, why not)."""
-    limit = str(int(limit_gb * 2**30))
+    limit = str(int(limit_gb * GIB))
     try:
         if (V2 / "cgroup.controllers").is_file():
             cg = V2 / name
@@ -51,7 +53,7 @@ def peak_gb(cg: Path) -> float | None:
     for name in ("memory.peak", "memory.max_usage_in_bytes"):
         f = cg / name
         if f.is_file():
-            return int(f.read_text().split()[0]) / 2**30
+            return int(f.read_text().split()[0]) / GIB
     return None
 
 

@@ -25,13 +25,12 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
+from flashmoe.constants import BITS, GROUP_SIZES
 from flashmoe.errors import CheckpointError, ConfigError, FlashMoeError
 from flashmoe.runtime.fileio import pwrite_all
 from flashmoe.checkpoints.safetensors_index import read_file_header
 from flashmoe.checkpoints.shards import Advance, Tensor, copy, layout, read_rows, write_rows
 
-ALLOWED_BITS = (2, 3, 4, 8)
-GROUP_SIZES = (32, 64, 128)
 PARTS = ("weight", "scales", "biases")
 _INDEX = "model.safetensors.index.json"
 _EXPERT = re.compile(r"^(?P<path>(?:.*\.)?layers\.(?P<layer>\d+)\..*switch_mlp\."
@@ -101,7 +100,7 @@ def read_header(file: Path) -> tuple[dict[str, Tensor], dict]:
 
 def _check_args(bits: int, group_size: int, layer_bits: dict[int, int], chunk: int) -> None:
     for key, value in [("bits", bits), *((f"layer_bits[{k}]", v) for k, v in layer_bits.items())]:
-        if isinstance(value, bool) or value not in ALLOWED_BITS:
+        if isinstance(value, bool) or value not in BITS:
             raise ConfigError(f"{key}={value!r} is not a supported expert width; "
                               f"use one of {{2, 3, 4, 8}} bits")
     if isinstance(group_size, bool) or group_size not in GROUP_SIZES:

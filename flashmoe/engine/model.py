@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from flashmoe.engine.options import EngineOptions
 from flashmoe.engine.session import Session, Totals
-from flashmoe.errors import CheckpointError, ConfigError
+from flashmoe.constants import GIB
+from flashmoe.errors import CheckpointError, OptionError
 from flashmoe.models.loader import Resident, load_resident
 from flashmoe.runtime.expert_store import ExpertStore
 from flashmoe.runtime.io_pool import IOPool
@@ -29,7 +30,6 @@ from flashmoe.stages.observer import ReadObserver
 from flashmoe.stages.pipeline import Pipeline
 from flashmoe.stages.sampling import Sampler
 
-GIB = 2**30  # *_gb config keys are GiB, as RAM is reported
 T = TypeVar("T")
 
 
@@ -39,9 +39,10 @@ class Model:
         self.path, self.options, self.worker, self.index = path, options, worker, index
         self.resident = resident
         self.num_experts = resident.num_experts
+        options.check()
         self.k = options.experts_per_token or resident.experts_per_token
         if not 1 <= self.k <= self.num_experts:
-            raise ConfigError(f"model.experts_per_token={self.k} must be between 1 and "
+            raise OptionError("experts_per_token", self.k, f"must be between 1 and "
                               f"{self.num_experts} (this model's experts per layer)")
         self.pools = self._make_pools()  # config errors first: nothing to close yet
         self.io = IOPool(options.io_threads, options.io_split, options.io_retries,
@@ -86,15 +87,15 @@ class Model:
         from flashmoe.checkpoints.packed import DIRNAME, read_manifest
 
         root, layout = self.path / DIRNAME, self.options.layout
-        if layout not in ("auto", "original", "packed"):
-            raise ConfigError(f"io.layout={layout} must be one of auto, original, packed")
         use = layout == "packed" or (layout == "auto" and (root / "manifest.json").is_file())
         if layout == "packed" and not (root / "manifest.json").is_file():
-            raise CheckpointError(f"io.layout=packed but {root}/manifest.json does not exist; "
-                                  "run `python -m flashmoe task=pack model.path=...` first")
+            raise CheckpointError(f"the packed layout was asked for but {root}/manifest.json "
+                                  "does not exist; pack the checkpoint first "
+                                  "(`python -m flashmoe task=pack model.path=...`)")
         if self.options.io_verify and not use:
-            raise ConfigError("io.verify=true needs the packed layout, whose manifest carries "
-                              "the checksums; run task=pack first or set io.verify=false")
+            raise OptionError("io_verify", "true", "needs the packed layout, whose manifest "
+                              "carries the checksums; pack the checkpoint first or turn "
+                              "verification off")
         return read_manifest(root, self.resident.experts) if use else None
 
     def _make_pools(self) -> dict[int, SlotPool]:
@@ -112,9 +113,10 @@ class Model:
                 n = int(budget * GIB / len(groups) // spec.expert_nbytes)
             if n < self.k:
                 need = self.k * spec.expert_nbytes * len(groups) / GIB
-                raise ConfigError(
-                    f"cache.budget_gb={budget} holds {n} experts of {spec.expert_nbytes / 2**20:.2f} MiB "
-                    f"but one layer needs {self.k} (experts_per_token); use at least {need:.3g}")
+                raise OptionError(
+                    "cache_budget_gb", budget, f"holds {n} experts of "
+                    f"{spec.expert_nbytes / 2**20:.2f} MiB but one layer needs {self.k} "
+                    f"(experts_per_token); use at least {need:.3g}")
             n = min(n, self.num_experts * len(layers))
             pool = SlotPool(spec, n, self.options.cache_policy,
                             upcast=self.options.dtype == "float32")

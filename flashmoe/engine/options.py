@@ -6,6 +6,8 @@ from typing import Callable
 
 import mlx.core as mx
 
+from flashmoe.constants import CACHE_POLICIES, DEVICES, IO_RETRIES, IO_SPLIT, IO_THREADS, LAYOUTS
+from flashmoe.errors import OptionError
 from flashmoe.runtime.io_pool import Reader
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -29,6 +31,21 @@ class EngineOptions:
     dtype: str | None = None  # activations; None keeps the checkpoint's dtype (mlx-lm parity)
     reader: Reader | None = None  # injectable pread, for fault tests
     on_io_retry: Callable[..., None] | None = None
+
+    def check(self) -> None:
+        """Ranges and sets, in the engine's words; checkpoint-dependent limits come at open."""
+        for name, (lo, hi) in (("io_split", IO_SPLIT), ("io_threads", IO_THREADS),
+                               ("io_retries", IO_RETRIES)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and lo <= value <= hi):
+                raise OptionError(name, value, f"must be between {lo} and {hi}")
+        for name, allowed in (("cache_policy", CACHE_POLICIES), ("layout", LAYOUTS),
+                              ("device", DEVICES), ("dtype", (None, *DTYPES))):
+            if getattr(self, name) not in allowed:
+                raise OptionError(name, getattr(self, name),
+                                  "must be one of " + ", ".join(str(a) for a in allowed))
+        if self.cache_budget_gb is not None and self.cache_budget_gb < 0:
+            raise OptionError("cache_budget_gb", self.cache_budget_gb, "must be at least 0")
 
     @property
     def mx_dtype(self) -> mx.Dtype | None:

@@ -8,6 +8,7 @@ from typing import Any
 from omegaconf import DictConfig
 from rich.progress import Progress
 
+from flashmoe.constants import GIB
 from flashmoe.engine import Engine, ReadTrace, Session
 from flashmoe.bench.baseline import run_baseline
 from flashmoe.bench.probe import drop_page_cache, probe
@@ -121,7 +122,7 @@ async def _overlap(engine: Engine, prompt: list[int], n: int, figs: dict) -> dic
 
 
 def _baseline(engine: Engine, prompt: list[int], n: int, cfg: DictConfig, figs: dict) -> dict:
-    size_gb = sum(f.stat().st_size for f in engine.path.glob("*.safetensors")) / 2**30
+    size_gb = sum(f.stat().st_size for f in engine.path.glob("*.safetensors")) / GIB
     limit = cfg.hardware.memory_gb if size_gb > cfg.hardware.memory_gb else None
     res = run_baseline(engine.path, prompt, n, engine.options.dtype, engine.k, limit_gb=limit)
     out = {"baseline": "mlx_lm", "baseline_status": res["status"], "baseline_limit": res["limit"],

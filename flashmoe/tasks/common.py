@@ -7,9 +7,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from flashmoe.config import model_kind, validate
+from flashmoe.config import config_error, model_kind
 from flashmoe.engine import Engine, EngineOptions, Totals
-from flashmoe.errors import CheckpointError
+from flashmoe.errors import CheckpointError, OptionError
 from flashmoe.runtime.memory import peak_rss_gb
 
 SYNTHETIC_NOTE = "synthetic random weights: the text is gibberish by design"
@@ -38,6 +38,7 @@ def checkpoint_path(cfg: DictConfig) -> Path:
 
 
 def engine_options(cfg: DictConfig, **extra: Any) -> EngineOptions:
+    """The validated config (app.main ran config.validate) mapped onto EngineOptions."""
     dtype = cfg.hardware.dtype
     if cfg.hardware.device == "gpu" and not gpu_available():
         dtype = "float32"  # the CPU fallback: bf16 activations are ~9x slower there
@@ -57,15 +58,13 @@ def gpu_available() -> bool:
 
 
 async def open_engine(cfg: DictConfig, **extra: Any) -> Engine:
-    """Validate config against the checkpoint, then open the streaming engine."""
+    """Open the streaming engine on the (validated) config; the engine's checks against the
+    checkpoint come back named by config key."""
     path = checkpoint_path(cfg)
-    engine = await Engine.open(path, engine_options(cfg, **extra))
     try:
-        validate(cfg, num_experts=engine.num_experts, max_context=max_context(engine))
-    except BaseException:
-        await engine.aclose()
-        raise
-    return engine
+        return await Engine.open(path, engine_options(cfg, **extra))
+    except OptionError as e:
+        raise config_error(e) from None
 
 
 def warn_device(engine: Engine, log: Any) -> None:

@@ -22,11 +22,12 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+from flashmoe.constants import GIB
 from flashmoe.config import model_kind
 from flashmoe.engine import DTYPES, Engine, Totals
 from flashmoe.errors import CheckpointError, ConfigError
 from flashmoe.quality import WindowScore, plan_windows, score_window, summarize
-from flashmoe.tasks.common import open_engine, run_summary, warn_device
+from flashmoe.tasks.common import max_context, open_engine, run_summary, warn_device
 
 DEFAULT_DATA = "pydoc_data"  # what the summary's `data` says when data=null
 DECODE_ONLY = ("tok_s", "ttft_s", "generated_tokens", "median_token_ms")
@@ -50,6 +51,10 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     session = state["session"] = engine.session()
     warn_device(engine, log)
     task = cfg.task
+    limit = max_context(engine)
+    if limit is not None and not 2 <= task.context <= limit:
+        raise ConfigError(f"task.context={task.context} must be between 2 and {limit} "
+                          "(the model's context)")
     ids = tokenize(engine, text)
     if len(ids) < 2:
         raise ConfigError(f"data={source} is {len(ids)} token(s) long with this model's tokenizer; "
@@ -131,7 +136,7 @@ async def load_reference(engine: Engine, reference_path: str | None, k_reference
     """
     path = Path(reference_path).expanduser() if reference_path else engine.path
     config = _read_config(path)
-    size_gb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
+    size_gb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / GIB
     if memory_gb is not None and size_gb > memory_gb:  # fail now rather than swap or be killed
         raise ConfigError(f"task.reference=mlx_lm loads {path} whole ({size_gb:.1f} GiB) but "
                           f"hardware.memory_gb={memory_gb}; use task.reference=none, or a smaller "
