@@ -123,7 +123,7 @@ def test_ctrl_c_writes_interrupted_summary(tiny, tmp_path):
         assert code is not None, "hung twice after Ctrl-C; first dump:\n" + first[-4000:]
         import warnings
 
-        warnings.warn("a Ctrl-C hung once (retried); thread dump:\n" + first[-4000:])
+        warnings.warn("a Ctrl-C hung once (retried); thread dump:\n" + first[-4000:], stacklevel=1)
     assert code == 130, err
     assert log is not None
     (summary,) = [e for e in events(log.parent) if e["event"] == "run_summary"]

@@ -214,7 +214,7 @@ def serve_cli() -> None:
     The child is the real entry point (runpy of flashmoe/__main__.py, real argv, real fds 1/2);
     only the imports were done once, before the fork.
     """
-    import hydra, flashmoe.app, flashmoe.cli, flashmoe.tasks.generate  # noqa: F401 (warm up)
+    import hydra, flashmoe.app, flashmoe.cli, flashmoe.tasks.generate  # noqa: E401, F401 (warm up)
 
     cases, running, codes = json.load(sys.stdin), {}, {}
     for i, case in enumerate(cases + [None] * 2):  # two at a time: the machine has two cores

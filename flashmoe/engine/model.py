@@ -105,7 +105,7 @@ class Model:
             groups.setdefault(le.signature, []).append(i)
         pools: dict[int, SlotPool] = {}
         budget = self.options.cache_budget_gb
-        for sig, layers in groups.items():
+        for layers in groups.values():
             spec = self.resident.experts[layers[0]]
             if budget is None or self.options.cache_policy == "none":
                 n = 2 * self.k  # no app cache: double-buffered slots, the OS caches pages
