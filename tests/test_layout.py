@@ -69,3 +69,12 @@ def test_tasks_set_no_engine_attributes() -> None:
                     assert not (isinstance(t, ast.Name) and t.id in ("engine", "session")), \
                         f"{path}:{node.lineno} sets an engine attribute"
         assert not touch.search(path.read_text()), (path, touch.search(path.read_text()))
+
+
+def test_yaml_comments_cite_files_that_exist() -> None:
+    root = PKG.parent
+    for path in (root / "conf").rglob("*.yaml"):
+        for line in path.read_text().splitlines():
+            comment = line.partition("#")[2]
+            for cited in re.findall(r"[\w./-]+\.(?:md|py|yaml)\b", comment):
+                assert (root / cited).exists() or (path.parent / cited).exists(), (path, cited)

@@ -16,6 +16,8 @@ import asyncio
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
+import aiofiles.os
+
 from flashmoe.engine.options import EngineOptions
 from flashmoe.engine.session import Session, Totals
 from flashmoe.constants import GIB
@@ -64,7 +66,8 @@ class Model:
                    tokenizer: bool = True) -> "Model":
         """Validate headers, load the resident part in the MLX thread, allocate slots."""
         path, options = Path(path), options or EngineOptions()
-        index = CheckpointIndex.open(path)
+        # headers and config off the event loop; expert bytes later go through the I/O pool
+        index = await asyncio.to_thread(CheckpointIndex.open, path)
         worker = MlxWorker(options.device)
         try:
             resident = await worker.build(load_resident, path, index, options.mx_dtype)
@@ -75,11 +78,12 @@ class Model:
         if tokenizer:
             from mlx_lm.utils import load_tokenizer
 
-            if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            if not any([await aiofiles.os.path.isfile(path / f)
+                        for f in ("tokenizer.json", "tokenizer.model")]):
                 await engine.aclose()
                 raise CheckpointError(f"{path}: no tokenizer.json or tokenizer.model; the "
                                       "checkpoint's tokenizer files are missing (re-download them)")
-            engine.tokenizer = load_tokenizer(path)
+            engine.tokenizer = await asyncio.to_thread(load_tokenizer, path)
         return engine
 
     def _packed(self) -> dict | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import aiofiles
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -46,7 +47,7 @@ class Reference:
 
 async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     """Score every window of `data`; `state` lets the caller summarise an interrupted run."""
-    text, source = read_text(cfg.data)
+    text, source = await read_text(cfg.data)
     engine = state["engine"] = await open_engine(cfg)
     session = state["session"] = engine.session()
     warn_device(engine, log)
@@ -91,7 +92,7 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     return summary
 
 
-def read_text(data: str | None) -> tuple[str, str]:
+async def read_text(data: str | None) -> tuple[str, str]:
     """The text to score and how the summary names it; data=null: CPython's English docs."""
     if data is None:
         from flashmoe.synth.tokenizer import english_text
@@ -105,7 +106,8 @@ def read_text(data: str | None) -> tuple[str, str]:
         raise ConfigError(f"data={data} is not a file; give a UTF-8 text file, or data=null for "
                           "CPython's pydoc_data English")
     try:
-        text = path.read_text(encoding="utf-8")
+        async with aiofiles.open(path, encoding="utf-8") as f:
+            text = await f.read()
     except UnicodeDecodeError as e:
         raise ConfigError(f"data={data} is not UTF-8 text ({e.reason} at byte {e.start}); "
                           "convert it, e.g. iconv -t UTF-8") from None
@@ -135,7 +137,7 @@ async def load_reference(engine: Engine, reference_path: str | None, k_reference
     engine's K. The reference follows the engine's activation dtype policy (hardware.dtype).
     """
     path = Path(reference_path).expanduser() if reference_path else engine.path
-    config = _read_config(path)
+    config = await _read_config(path)
     size_gb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / GIB
     if memory_gb is not None and size_gb > memory_gb:  # fail now rather than swap or be killed
         raise ConfigError(f"task.reference=mlx_lm loads {path} whole ({size_gb:.1f} GiB) but "
@@ -159,9 +161,10 @@ async def load_reference(engine: Engine, reference_path: str | None, k_reference
     return Reference(model, path, k)
 
 
-def _read_config(path: Path) -> dict:
+async def _read_config(path: Path) -> dict:
     try:
-        return json.loads((path / "config.json").read_text())
+        async with aiofiles.open(path / "config.json", encoding="utf-8") as f:
+            return json.loads(await f.read())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}/config.json cannot be read ({e}); task.reference_path must "
                               "be an mlx-lm checkpoint directory") from None
