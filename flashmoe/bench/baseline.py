@@ -44,14 +44,14 @@ def run_baseline(path: Path, prompt: list[int], tokens: int, dtype: str | None, 
 
 def _child(path: str, tokens: int, dtype: str, prompt: list[int], k: int) -> dict:
     import mlx.core as mx
-    from mlx.utils import tree_map
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
+    from flashmoe.models.loader import widen_to_f32
+
     model, _ = load(path)
-    if dtype == "float32":  # same activation dtype as flashmoe: upcast the bf16 params
-        model.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype == mx.bfloat16 else p,
-                              model.parameters()))
+    if dtype == "float32":  # same activation dtype as flashmoe: upcast bf16/f16 params
+        widen_to_f32(model)
     for layer in model.layers:  # the same experts per token as the engine
         for block in (getattr(layer, "mlp", None), getattr(layer, "block_sparse_moe", None)):
             for attr in ("top_k", "num_experts_per_tok"):

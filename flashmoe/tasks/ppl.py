@@ -17,7 +17,6 @@ import aiofiles
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -27,6 +26,7 @@ from flashmoe.constants import GIB
 from flashmoe.config import model_kind
 from flashmoe.engine import DTYPES, Engine, Totals
 from flashmoe.errors import CheckpointError, ConfigError
+from flashmoe.models.loader import widen_to_f32
 from flashmoe.quality import WindowScore, plan_windows, score_window, summarize
 from flashmoe.tasks.common import max_context, open_engine, run_summary, warn_device
 
@@ -181,8 +181,7 @@ def _load_mlx_lm(path: Path, overrides: dict | None, dtype: mx.Dtype | None) -> 
     # the engine's dtype policy (models/loader.py, Pipeline._embed), so that K and bits are
     # the only differences: f32 widens the bf16/f16 parameters, embeddings come out in dtype
     if dtype == mx.float32:
-        model.update(tree_map(lambda p: p.astype(mx.float32)
-                              if p.dtype in (mx.bfloat16, mx.float16) else p, model.parameters()))
+        widen_to_f32(model)
         mx.eval(model.parameters())
     if dtype is not None:
         _cast_embeddings(model, dtype)
