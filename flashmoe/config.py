@@ -17,7 +17,7 @@ from flashmoe.conf_dir import available_options, conf_dir
 from flashmoe.config_errors import hydra_error_message
 from flashmoe.constants import (BITS, CACHE_POLICIES, DEVICES, DTYPES, GROUP_SIZES, IO_RETRIES,
                                 IO_SPLIT, IO_THREADS, LAYOUTS)
-from flashmoe.errors import ConfigError, OptionError
+from flashmoe.errors import ConfigError
 
 DEFAULT_PROMPT = "Explain in two sentences why a mixture-of-experts model can run from an SSD."
 BENCH_PROMPT = "Write a short story about a lighthouse keeper who collects maps of the sea."
@@ -154,20 +154,6 @@ TASK_SCHEMAS: tuple[type[TaskConfig], ...] = (
 )
 BASELINES = ("none", "mlx_lm")
 K_REFERENCES = ("full", "same")
-# EngineOptions field -> the config key that sets it (engine errors name fields; users keys)
-CONFIG_KEYS = {
-    "experts_per_token": "model.experts_per_token", "io_split": "io.split",
-    "io_threads": "io.threads", "io_retries": "io.retries", "io_direct": "io.direct",
-    "io_verify": "io.verify", "layout": "io.layout", "cache_policy": "cache.policy",
-    "cache_budget_gb": "cache.budget_gb", "prefetch": "cache.prefetch",
-    "device": "hardware.device", "dtype": "hardware.dtype",
-}
-
-
-def config_error(err: OptionError) -> ConfigError:
-    """An engine option error, reworded with the config key that sets the option."""
-    value = str(err.value).lower() if isinstance(err.value, bool) else err.value
-    return ConfigError(f"{CONFIG_KEYS.get(err.option, err.option)}={value} {err.expect}")
 
 
 def register_configs() -> None:

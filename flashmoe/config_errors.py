@@ -1,4 +1,5 @@
-"""One-line messages for Hydra's and OmegaConf's composition errors (key, value, what is valid)."""
+"""One-line messages for Hydra's and OmegaConf's composition errors (key, value, what is valid),
+and engine option errors reworded with the config key that sets the option."""
 from __future__ import annotations
 
 import re
@@ -6,6 +7,16 @@ from dataclasses import fields, is_dataclass
 from typing import Any, Optional
 
 from flashmoe.conf_dir import available_options
+from flashmoe.errors import ConfigError, OptionError
+
+# EngineOptions field -> the config key that sets it (engine errors name fields; users keys)
+CONFIG_KEYS = {
+    "experts_per_token": "model.experts_per_token", "io_split": "io.split",
+    "io_threads": "io.threads", "io_retries": "io.retries", "io_direct": "io.direct",
+    "io_verify": "io.verify", "layout": "io.layout", "cache_policy": "cache.policy",
+    "cache_budget_gb": "cache.budget_gb", "prefetch": "cache.prefetch",
+    "device": "hardware.device", "dtype": "hardware.dtype",
+}
 
 
 def _field_type(schema: Any, key: Any) -> str:
@@ -54,3 +65,8 @@ def hydra_error_message(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return " ".join(lines[:2]) or type(exc).__name__
 
+
+def config_error(err: OptionError) -> ConfigError:
+    """An engine option error, reworded with the config key that sets the option."""
+    value = str(err.value).lower() if isinstance(err.value, bool) else err.value
+    return ConfigError(f"{CONFIG_KEYS.get(err.option, err.option)}={value} {err.expect}")

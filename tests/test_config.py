@@ -231,3 +231,19 @@ def test_memory_accounting() -> None:
         time.sleep(0.05)  # so keep it alive while the sampler thread looks
         del block
     assert sampler.growth_gb > 0.04
+
+
+def test_every_engine_option_has_its_config_key() -> None:
+    """An engine error on any option reads, on the CLI, with the key that sets it."""
+    from dataclasses import fields
+
+    from flashmoe.config_errors import CONFIG_KEYS, config_error
+    from flashmoe.engine import EngineOptions
+    from flashmoe.errors import OptionError
+
+    hooks = {"reader", "on_io_retry"}  # callables for tests, not config
+    assert set(CONFIG_KEYS) == {f.name for f in fields(EngineOptions)} - hooks
+    for option, key in CONFIG_KEYS.items():
+        assert str(config_error(OptionError(option, True, "x"))) == f"{key}=true x"
+    with pytest.raises(OptionError, match="^io_split=0 must be between 1 and 64$"):
+        EngineOptions(io_split=0).check()

@@ -7,7 +7,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from flashmoe.config import config_error, model_kind
+from flashmoe.config import model_kind
+from flashmoe.config_errors import config_error
 from flashmoe.engine import Engine, EngineOptions, Totals
 from flashmoe.errors import CheckpointError, OptionError
 from flashmoe.runtime.memory import peak_rss_gb
