@@ -37,3 +37,7 @@ def test_wheel_holds_conf_and_runs_from_elsewhere(tmp_path: Path) -> None:
     where = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert where == str(site / "flashmoe" / "conf")
+    every = ("import importlib, pkgutil, flashmoe\n"
+             "for m in pkgutil.walk_packages(flashmoe.__path__, 'flashmoe.'):\n"
+             "    if not m.name.endswith('__main__'): importlib.import_module(m.name)")
+    subprocess.run([sys.executable, "-c", every], cwd=tmp_path, env=env, check=True)
