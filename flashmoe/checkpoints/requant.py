@@ -5,7 +5,7 @@ Only the stacked `...switch_mlp.{gate,up,down}_proj.{weight,scales,biases}` tens
 byte for byte into a shard of the same name. The output layout is planned from the headers up
 front and filled with pwrite, `chunk_experts` experts at a time, so peak memory is one chunk.
 
-    python -m flashmoe.tools.requant SRC DST --bits 2 [--group-size 64] [--layer-bits 0=4,3=8]
+    python -m flashmoe.checkpoints.requant SRC DST --bits 2 [--group-size 64] [--layer-bits 0=4,3=8]
 """
 from __future__ import annotations
 
@@ -25,13 +25,12 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
+from flashmoe.constants import BITS, GROUP_SIZES
 from flashmoe.errors import CheckpointError, ConfigError, FlashMoeError
 from flashmoe.runtime.fileio import pwrite_all
-from flashmoe.runtime.safetensors_index import read_file_header
-from flashmoe.tools.shards import Advance, Tensor, copy, layout, read_rows, write_rows
+from flashmoe.checkpoints.safetensors_index import read_file_header
+from flashmoe.checkpoints.shards import Advance, ShardTensor, copy, layout, read_rows, write_rows
 
-ALLOWED_BITS = (2, 3, 4, 8)
-GROUP_SIZES = (32, 64, 128)
 PARTS = ("weight", "scales", "biases")
 _INDEX = "model.safetensors.index.json"
 _EXPERT = re.compile(r"^(?P<path>(?:.*\.)?layers\.(?P<layer>\d+)\..*switch_mlp\."
@@ -45,9 +44,9 @@ class Projection:
     layer: int
     src: tuple[int, int]
     dst: tuple[int, int]
-    weight: Tensor
-    scales: Tensor
-    biases: Tensor
+    weight: ShardTensor
+    scales: ShardTensor
+    biases: ShardTensor
 
     def out_shapes(self) -> dict[str, tuple[int, ...]]:
         E, O, packed = self.weight.shape
@@ -66,7 +65,7 @@ def requant(src: Path, dst: Path, *, bits: int, group_size: int = 64,
     _check_dst(dst, bits)
     config = _read_json(src / "config.json")
     weight_map = _weight_map(src)
-    tensors: dict[str, Tensor] = {}
+    tensors: dict[str, ShardTensor] = {}
     metas: dict[str, dict] = {}
     for fname in dict.fromkeys(weight_map.values()):  # source shard order, once each
         tensors_f, metas[fname] = read_header(src / fname)
@@ -93,15 +92,15 @@ def requant(src: Path, dst: Path, *, bits: int, group_size: int = 64,
     return dst
 
 
-def read_header(file: Path) -> tuple[dict[str, Tensor], dict]:
+def read_header(file: Path) -> tuple[dict[str, ShardTensor], dict]:
     """Tensors of one safetensors file (absolute offsets) and its __metadata__."""
     infos, meta = read_file_header(file)
-    return {k: Tensor(file.name, t.dtype, t.shape, t.start, t.end) for k, t in infos.items()}, meta
+    return {k: ShardTensor(file.name, t.dtype, t.shape, t.start, t.end) for k, t in infos.items()}, meta
 
 
 def _check_args(bits: int, group_size: int, layer_bits: dict[int, int], chunk: int) -> None:
     for key, value in [("bits", bits), *((f"layer_bits[{k}]", v) for k, v in layer_bits.items())]:
-        if isinstance(value, bool) or value not in ALLOWED_BITS:
+        if isinstance(value, bool) or value not in BITS:
             raise ConfigError(f"{key}={value!r} is not a supported expert width; "
                               f"use one of {{2, 3, 4, 8}} bits")
     if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
@@ -160,9 +159,9 @@ def _source_settings(quant: dict, path: str) -> tuple[int, int]:
     return int(entry.get("bits", 4)), int(entry.get("group_size", 64))
 
 
-def _plan(tensors: dict[str, Tensor], quant: dict, bits: int, group_size: int,
+def _plan(tensors: dict[str, ShardTensor], quant: dict, bits: int, group_size: int,
           layer_bits: dict[int, int]) -> list[Projection]:
-    groups: dict[str, dict[str, Tensor]] = {}
+    groups: dict[str, dict[str, ShardTensor]] = {}
     for name, t in tensors.items():
         if m := _EXPERT.match(name):
             groups.setdefault(m["path"], {})[m["part"]] = t
@@ -179,7 +178,7 @@ def _plan(tensors: dict[str, Tensor], quant: dict, bits: int, group_size: int,
     return plans
 
 
-def _projection(path: str, parts: dict[str, Tensor], quant: dict, bits: int, group_size: int,
+def _projection(path: str, parts: dict[str, ShardTensor], quant: dict, bits: int, group_size: int,
                 layer_bits: dict[int, int]) -> Projection:
     w, s = parts["weight"], parts["scales"]
     b0, g0 = _source_settings(quant, path)
@@ -197,12 +196,12 @@ def _projection(path: str, parts: dict[str, Tensor], quant: dict, bits: int, gro
                       w, s, parts["biases"])
 
 
-def _write_shards(src: Path, work: Path, tensors: dict[str, Tensor], metas: dict[str, dict],
-                  projections: list[Projection], advance: Advance, chunk: int) -> dict[str, Tensor]:
+def _write_shards(src: Path, work: Path, tensors: dict[str, ShardTensor], metas: dict[str, dict],
+                  projections: list[Projection], advance: Advance, chunk: int) -> dict[str, ShardTensor]:
     changed = {p.path: p for p in projections if p.src != p.dst}  # same settings: plain copy
     new = {f"{p.path}.{part}": (getattr(p, part).dtype, shape)
            for p in changed.values() for part, shape in p.out_shapes().items()}
-    out: dict[str, Tensor] = {}
+    out: dict[str, ShardTensor] = {}
     with ExitStack() as stack:
         fds_in: dict[str, int] = {}
         fds_out: dict[str, int] = {}
@@ -226,7 +225,7 @@ def _write_shards(src: Path, work: Path, tensors: dict[str, Tensor], metas: dict
     return out
 
 
-def _requant_projection(p: Projection, out: dict[str, Tensor], fds_in: dict[str, int],
+def _requant_projection(p: Projection, out: dict[str, ShardTensor], fds_in: dict[str, int],
                         fds_out: dict[str, int], chunk: int, advance: Advance) -> None:
     (b0, g0), (b1, g1) = p.src, p.dst
     E = p.weight.shape[0]
@@ -241,7 +240,7 @@ def _requant_projection(p: Projection, out: dict[str, Tensor], fds_in: dict[str,
         advance(sum((t.end - t.start) // E * (e1 - e0) for t in (p.weight, p.scales, p.biases)))
 
 
-def _write_index(src: Path, work: Path, weight_map: dict[str, str], out: dict[str, Tensor]) -> None:
+def _write_index(src: Path, work: Path, weight_map: dict[str, str], out: dict[str, ShardTensor]) -> None:
     old = _read_json(src / _INDEX) if (src / _INDEX).exists() else {}
     meta = {**old.get("metadata", {}), "total_size": sum(t.end - t.start for t in out.values())}
     (work / _INDEX).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=4))
@@ -275,7 +274,7 @@ def _progress_bar(enabled: bool) -> Progress:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flashmoe.tools.requant", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m flashmoe.checkpoints.requant", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", type=Path)
     ap.add_argument("dst", type=Path)

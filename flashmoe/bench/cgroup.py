@@ -1,7 +1,7 @@
 """Run a process under a memory limit with a cgroup (v2 `memory.max` or v1
 `memory.limit_in_bytes`; page cache counts in both). Needs root, as on the bench machines.
 
-    python -m flashmoe.runtime.cgroup 8 -- python -m flashmoe task=bench ...
+    python -m flashmoe.bench.cgroup 8 -- python -m flashmoe task=bench ...
 """
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flashmoe.constants import GIB
+
 V2 = Path("/sys/fs/cgroup")
 V1 = Path("/sys/fs/cgroup/memory")
 
 
 def make(name: str, limit_gb: float) -> tuple[Path | None, str]:
     """A fresh memory cgroup; (path, description) or (None, why not)."""
-    limit = str(int(limit_gb * 2**30))
+    limit = str(int(limit_gb * GIB))
     try:
         if (V2 / "cgroup.controllers").is_file():
             cg = V2 / name
@@ -51,13 +53,13 @@ def peak_gb(cg: Path) -> float | None:
     for name in ("memory.peak", "memory.max_usage_in_bytes"):
         f = cg / name
         if f.is_file():
-            return int(f.read_text().split()[0]) / 2**30
+            return int(f.read_text().split()[0]) / GIB
     return None
 
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m flashmoe.runtime.cgroup LIMIT_GB -- COMMAND ...", file=sys.stderr)
+        print("usage: python -m flashmoe.bench.cgroup LIMIT_GB -- COMMAND ...", file=sys.stderr)
         return 2
     cg, how = make(f"flashmoe-run-{os.getpid()}", float(argv[0]))
     print(f"flashmoe.cgroup: limit {how}", file=sys.stderr)

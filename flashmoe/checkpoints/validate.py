@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from flashmoe.errors import CheckpointError
-from flashmoe.runtime.safetensors_index import CheckpointIndex, short
+from flashmoe.checkpoints.safetensors_index import CheckpointIndex, short
 
 DTYPE_NAMES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from flashmoe.runtime.fileio import pread_exact
+
 Batch = Sequence[tuple[int, int, int]]  # (fd, offset, nbytes) read together by one fetch
 
 
@@ -53,11 +55,6 @@ def probe(trace: Sequence[Batch], threads: int) -> ProbeResult:
 def _read_group(group: Batch, buf: mmap.mmap) -> int:
     view, done = memoryview(buf), 0
     for fd, offset, nbytes in group:
-        got = 0
-        while got < nbytes:
-            n = os.preadv(fd, [view[got:nbytes]], offset + got)
-            if n == 0:
-                break
-            got += n
-        done += got
+        pread_exact(fd, view[:nbytes], offset, f"the probed file (fd {fd})")
+        done += nbytes
     return done

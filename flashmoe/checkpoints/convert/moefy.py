@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 
 from flashmoe.errors import ConfigError
-from flashmoe.tools.gguf_weights import GGUF_GROUP, Packed, Tensor, to_float
+from flashmoe.checkpoints.convert.gguf_weights import GGUF_GROUP, Packed, Tensor, to_float
 
 # Router logit spread (std over unit-variance inputs): small enough that softmax stays ~1/E,
 # large enough that neighbouring experts differ by ~1e-5, far above float32 rounding.

@@ -2,7 +2,7 @@
 
 A child gives mlx-lm its own peak RSS and lets it run under a memory limit (a memory
 cgroup, which counts page cache too) without risking the parent.
-Run directly: python -m flashmoe.runtime.baseline PATH TOKENS DTYPE PROMPT_IDS_JSON K
+Run directly: python -m flashmoe.bench.baseline PATH TOKENS DTYPE PROMPT_IDS_JSON K
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from flashmoe.runtime import cgroup as cgroups
+from flashmoe.bench import cgroup as cgroups
 from flashmoe.runtime.memory import peak_rss_gb
 
 
@@ -21,7 +21,7 @@ from flashmoe.runtime.memory import peak_rss_gb
 def run_baseline(path: Path, prompt: list[int], tokens: int, dtype: str | None, k: int,
                  limit_gb: float | None = None, timeout_s: float = 1800) -> dict:
     """{'tok_s', 'peak_rss_gb', 'status', 'limit'}; status is 'ok', 'oom', 'error' or 'timeout'."""
-    cmd = [sys.executable, "-m", "flashmoe.runtime.baseline", str(path), str(tokens),
+    cmd = [sys.executable, "-m", "flashmoe.bench.baseline", str(path), str(tokens),
            dtype or "none", json.dumps(prompt), str(k)]
     cgroup, limit = cgroups.make(f"flashmoe-baseline-{os.getpid()}", limit_gb) if limit_gb \
         else (None, "none")
@@ -44,14 +44,14 @@ def run_baseline(path: Path, prompt: list[int], tokens: int, dtype: str | None, 
 
 def _child(path: str, tokens: int, dtype: str, prompt: list[int], k: int) -> dict:
     import mlx.core as mx
-    from mlx.utils import tree_map
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
+    from flashmoe.models.loader import widen_to_f32
+
     model, _ = load(path)
-    if dtype == "float32":  # same activation dtype as flashmoe: upcast the bf16 params
-        model.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype == mx.bfloat16 else p,
-                              model.parameters()))
+    if dtype == "float32":  # same activation dtype as flashmoe: upcast bf16/f16 params
+        widen_to_f32(model)
     for layer in model.layers:  # the same experts per token as the engine
         for block in (getattr(layer, "mlp", None), getattr(layer, "block_sparse_moe", None)):
             for attr in ("top_k", "num_experts_per_tok"):
