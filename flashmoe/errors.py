@@ -16,3 +16,7 @@ class CheckpointError(FlashMoeError):
 
 class ExpertReadError(FlashMoeError):
     """Reading expert bytes from disk failed after the allowed retries."""
+
+
+class WriteError(FlashMoeError):
+    """Writing an output failed (no space, quota, read-only folder, disk error) or would fail."""
