@@ -55,11 +55,13 @@ def write_packed(layers: dict[int, LayerExperts], out: Path, align: int = 4096,
                  progress: Callable[[int], Any] | None = None, log: Any = None) -> Path:
     """Copy every expert into per-layer blobs (atomic: staged in a temp folder, then renamed;
     free space checked first, orphans of killed packs removed: runtime/staging.py)."""
-    if out.exists():
-        raise CheckpointError(f"{out} already exists; remove it or choose task.out=ANOTHER_DIR")
+    def refuse_existing() -> None:
+        if out.exists():
+            raise CheckpointError(f"{out} already exists; remove it or choose task.out=ANOTHER_DIR")
+
     needed = sum(align_up(le.expert_nbytes, align) * le.num_experts for le in layers.values())
-    with staged(out, needed=needed, hint="choose another folder with task.out=DIR",
-                log=log) as tmp:
+    with staged(out, needed=needed, hint="choose another folder with task.out=DIR", log=log,
+                check=refuse_existing) as tmp:
         entries = {str(i): _pack_layer(le, tmp, align, progress) for i, le in layers.items()}
         manifest = {"format": FORMAT, "align": align, "source": source_sizes(layers),
                     "layers": entries}

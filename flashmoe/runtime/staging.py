@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ def free_bytes(folder: Path) -> int:
 def check_space(folder: Path, needed: int, hint: str) -> None:
     """Refuse before the first byte when `needed` (+ a small margin) exceeds the free space."""
     free = free_bytes(folder)
+    if TAG in Path(folder).name:
+        folder = Path(folder).parent  # name the folder the user chose, not our temp folder
     if needed + MARGIN_BYTES > free:
         raise WriteError(f"not enough free space in {folder}: writing needs {needed:,} bytes "
                          f"({needed / 1e9:.2f} GB) but its filesystem has {free:,} bytes "
@@ -63,53 +65,80 @@ def disk_usage(path: Path) -> int:
 
 
 def sweep_orphans(folder: Path, log: Any = None) -> int:
-    """Remove the temp folders of killed writers in `folder`; returns the bytes reclaimed.
-
-    A temp folder whose lock file is flock'ed belongs to a writer still running (here or in
-    another process) and is left alone."""
-    reclaimed = 0
+    """Remove the temp folders (and lock files) of killed writers in `folder`; returns the
+    bytes reclaimed. A temp folder whose lock is flock'ed belongs to a writer still running
+    (in this process or another) and is left alone."""
     try:
-        candidates = sorted(p for p in Path(folder).glob(f".*{TAG}*") if not p.name.endswith(LOCK))
+        names = sorted({p.name.removesuffix(LOCK) for p in Path(folder).glob(f".*{TAG}*")})
     except OSError:
         return 0
-    for tmp in candidates:
-        lock = tmp.with_name(tmp.name + LOCK)
-        try:
-            fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:
-            fd = None  # its lock is gone: no writer can own it any more
-        except OSError:
+    reclaimed = 0
+    for name in names:
+        tmp = Path(folder) / name
+        existed = tmp.exists()
+        nbytes = _remove_orphan(tmp, tmp.with_name(name + LOCK))
+        if nbytes is None or not existed:
             continue
-        try:
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            nbytes = disk_usage(tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-            if fd is not None:
-                lock.unlink(missing_ok=True)
-        except BlockingIOError:
-            continue  # a live writer holds it
-        finally:
-            if fd is not None:
-                os.close(fd)
         reclaimed += nbytes
         _note(log, "orphan_removed", f"removed {tmp}, left by an interrupted flashmoe writer "
               f"({nbytes:,} bytes reclaimed)", path=str(tmp), reclaimed_bytes=nbytes)
     return reclaimed
 
 
+def _remove_orphan(tmp: Path, lock: Path) -> int | None:
+    """Bytes removed, or None when a live writer holds `lock`."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        fd = None  # no lock file: no writer can own the folder (see _lock)
+    except OSError:
+        return None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        nbytes = disk_usage(tmp) if tmp.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if fd is not None:
+            lock.unlink(missing_ok=True)
+        return nbytes
+    except BlockingIOError:
+        return None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock(path: Path) -> int:
+    """An flock'ed descriptor of `path`, which still names it (a sweeper may have unlinked the
+    file between our open and our flock: then lock a fresh one)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # dropped by the kernel if this process dies
+        try:
+            st, mine = os.stat(path), os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 @contextmanager
-def staged(final: Path, *, needed: int | None, hint: str, log: Any = None) -> Iterator[Path]:
+def staged(final: Path, *, needed: int | None, hint: str, log: Any = None,
+           check: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yield a fresh temp folder beside `final`; on success rename it to `final`.
 
     Before anything is written: orphans of killed writers in the parent folder are removed,
-    `final` must be absent or an empty folder, and `needed` bytes (when known) must fit.
-    `hint` completes the advice of an error, e.g. "choose another folder with task.out=DIR"."""
+    `check()` runs (the writer's own refusals), `final` must be absent or an empty folder, and
+    `needed` bytes (when known) must fit. `hint` completes the advice of an error, e.g.
+    "choose another folder with task.out=DIR"."""
     final = Path(final)
     parent = final.parent
     with disk_errors(parent, final, hint):
         parent.mkdir(parents=True, exist_ok=True)
     sweep_orphans(parent, log)
+    if check is not None:
+        check()
     if final.exists() and not (final.is_dir() and not any(final.iterdir())):
         raise ConfigError(f"{final} already exists and is not empty; flashmoe never overwrites "
                           f"an output. Remove it or {hint}")
@@ -120,8 +149,7 @@ def staged(final: Path, *, needed: int | None, hint: str, log: Any = None) -> It
     fd = -1
     try:
         with disk_errors(tmp, final, hint):
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # dropped by the kernel if this process dies
+            fd = _lock(lock)
             tmp.mkdir(0o755)
             yield tmp
             if final.exists():

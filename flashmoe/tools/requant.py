@@ -68,7 +68,6 @@ def requant(src: Path, dst: Path, *, bits: int, group_size: int = 64,
     `dst` (runtime/staging.py) that is renamed into place only when complete."""
     src, dst, layer_bits = Path(src), Path(dst), dict(layer_bits or {})
     _check_args(bits, group_size, layer_bits, chunk_experts)
-    _check_dst(dst, bits)
     config = _read_json(src / "config.json")
     weight_map = _weight_map(src)
     tensors: dict[str, Tensor] = {}
@@ -82,7 +81,8 @@ def requant(src: Path, dst: Path, *, bits: int, group_size: int = 64,
                              metas[fname]) for fname in metas}
     needed = sum(max([len(h), *(t.end for t in placed.values())]) for h, placed in
                  layouts.values()) + sum(f.stat().st_size for f in _side_files(src))
-    with staged(dst, needed=needed, hint=hint, log=log) as work:  # renamed to dst at the end
+    with staged(dst, needed=needed, hint=hint, log=log,  # renamed to dst at the end
+                check=lambda: _check_dst(dst, bits)) as work:
         with _progress_bar(progress) as bar:
             total = sum(t.end - t.start for t in tensors.values())
             task = bar.add_task(f"requant → {dst.name}", total=total)
