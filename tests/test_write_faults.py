@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import error_lines
 from flashmoe.errors import CheckpointError, ConfigError, WriteError
 from flashmoe.runtime import staging
 from tests.writer_child import WRITERS
@@ -225,7 +226,7 @@ def test_cli_requant_full_disk_status_error(src, tmp_path, monkeypatch, capsys):
                           f"run_dir={tmp_path / 'run'}"])
     assert main(cfg) == 1
     out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
+    lines = error_lines(err)
     assert out == "" and len(lines) == 1 and lines[0].startswith("flashmoe: not enough free space")
     assert "task.out=DIR" in lines[0]
     evs = [json.loads(x) for x in (tmp_path / "run" / "flashmoe.jsonl").read_text().splitlines()]
