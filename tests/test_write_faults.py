@@ -231,3 +231,13 @@ def test_cli_requant_full_disk_status_error(src, tmp_path, monkeypatch, capsys):
     assert "task.out=DIR" in lines[0]
     evs = [json.loads(x) for x in (tmp_path / "run" / "flashmoe.jsonl").read_text().splitlines()]
     assert [e["status"] for e in evs if e["event"] == "run_summary"] == ["error"]
+
+
+def test_source_read_error_is_not_called_a_write_error(src, tmp_path, monkeypatch):
+    def eio(*a):  # noqa: ANN002
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "preadv", eio)
+    with pytest.raises(CheckpointError, match="reading .* failed: Input/output error"):
+        WRITERS["requant"](src, tmp_path / "out", lambda: None)
+    assert list(tmp_path.iterdir()) == []
