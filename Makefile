@@ -1,12 +1,14 @@
 # Two commands for a fresh machine: `make run` (the demo) and `make test` (the suite).
 # The MLX build is picked here: macOS -> metal; Linux where `nvidia-smi -L` works -> cuda
 # (cuda12 when the driver's CUDA is older than 13); any other Linux -> cpu.
-# Override with BACKEND=cpu|cuda|cuda12|metal. WHEELS=DIR installs from downloaded wheels only.
+# Override with BACKEND=cpu|cuda|cuda12|metal. WHEELS=DIR installs from downloaded wheels only;
+# VENV_ARGS=--system-site-packages lets the venv reuse packages the Python already has.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 WHEELS ?=
+VENV_ARGS ?=
 BACKENDS := cpu cuda cuda12 metal
 PKG_cpu := mlx-cpu
 PKG_cuda := mlx-cuda-13
@@ -49,7 +51,7 @@ backend:  ## which MLX build `make run` / `make test` install here, and why
 	@echo "$(BACKEND): $(WHY)"
 
 $(BIN)/python:
-	$(PY) -m venv $(VENV)
+	$(PY) -m venv $(VENV_ARGS) $(VENV)
 	$(if $(WHEELS),,$(BIN)/pip install -q --upgrade pip)
 
 # mlx-cpu and mlx-cuda-* install the same libmlx files: remove the other builds first
