@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from flashmoe.config import validate
 from flashmoe.errors import FlashMoeError
 from flashmoe.hardware import detect_machine, picked_line, resolve_hardware
+from flashmoe.runtime.backend import Backend, detect, gpu_install_hint
 from flashmoe.runtime.logging import close_logging, setup_logging
 from flashmoe.tasks.common import run_summary
 
@@ -43,9 +44,12 @@ def main(cfg: DictConfig) -> int:
                  cache_budget_gb=cfg.hardware.cache_budget_gb)
     state: dict[str, Any] = {}
     status, code, summary = "error", EXIT_ERROR, None
+    backend: Backend | None = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         validate(cfg)
+        backend = detect()
+        print(start_line(cfg, backend), file=sys.stderr)  # the run's first stderr line
         module = importlib.import_module(TASKS[cfg.task.name])
         summary = asyncio.run(_run(module, cfg, log, state))
         status, code = summary.get("status", "ok"), 0
@@ -71,6 +75,10 @@ def main(cfg: DictConfig) -> int:
             summary = run_summary(cfg, engine, totals, status)
         if machine is not None:
             summary["hardware_auto"] = picked_line(cfg, machine)
+        if backend is not None:
+            summary = {**summary, **backend.summary()}
+            if not backend.gpu:
+                summary["device"] = "cpu"
         log.info("run_summary", **summary)
         if status != "error":  # an error's one line is the cause, printed above
             _print_summary(summary, run_dir)
@@ -85,6 +93,14 @@ async def _run(module: Any, cfg: DictConfig, log: Any, state: dict) -> dict:
         engine = state.get("engine")
         if engine is not None:
             await engine.aclose()
+
+
+def start_line(cfg: DictConfig, backend: Backend) -> str:
+    """`flashmoe: MLX 0.32.4 cuda backend (mlx-cuda-13), device gpu: NVIDIA H200 | hardware=h200`;
+    a GPU profile on a build without a GPU adds the command that installs one."""
+    if cfg.hardware.device == "gpu" and not backend.gpu:
+        return f"flashmoe: {backend.line('cpu')} | {gpu_install_hint(backend, cfg.hardware.name)}"
+    return f"flashmoe: {backend.line(cfg.hardware.device)} | hardware={cfg.hardware.name}"
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

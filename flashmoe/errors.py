@@ -27,3 +27,7 @@ class OptionError(ConfigError):
     def __init__(self, option: str, value: object, expect: str) -> None:
         super().__init__(f"{option}={value} {expect}")
         self.option, self.value, self.expect = option, value, expect
+
+
+class WriteError(FlashMoeError):
+    """Writing an output failed (no space, quota, read-only folder, disk error) or would fail."""

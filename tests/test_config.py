@@ -207,7 +207,9 @@ def test_logging_writes_json_lines_and_switches_run_dir(tmp_path: Path, capsys) 
         log = setup_logging(tmp_path / "a")
         log.info("token_sampled", token=7, elapsed_ms=1.5, path=tmp_path)
         log.warning("cache_thrashed", hit_rate=0.1)
-        first = logging.getLogger("flashmoe").handlers[0]
+        # the file handler (an earlier in-process run may have left a console handler first)
+        first = next(h for h in logging.getLogger("flashmoe").handlers
+                     if isinstance(h, logging.FileHandler))
         setup_logging(tmp_path / "b", run_id="job-1")
         log.info("run_finished")  # a logger made before the switch follows the new file
         assert first.stream is None  # FileHandler.close() dropped its stream

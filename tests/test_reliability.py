@@ -21,6 +21,7 @@ from typing import Callable
 
 import pytest
 
+from tests.conftest import error_lines
 from flashmoe.engine import Engine, EngineOptions
 from flashmoe.errors import CheckpointError
 from flashmoe.checkpoints.safetensors_index import CheckpointIndex
@@ -319,7 +320,7 @@ def assert_one_clear_line(result: tuple[int, str, str], needles: tuple[str, ...]
     code, stdout, stderr = result
     assert code not in (0, 99), (code, stderr)
     assert "Traceback" not in stdout + stderr and stdout == "", stdout + stderr
-    lines = stderr.strip().splitlines()
+    lines = error_lines(stderr)
     assert len(lines) == 1 and lines[0].startswith("flashmoe: "), lines
     for needle in needles:
         assert needle in lines[0], lines[0]

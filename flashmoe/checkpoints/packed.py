@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +20,7 @@ import xxhash
 from flashmoe.errors import CheckpointError
 from flashmoe.runtime.expert_store import LayerExperts
 from flashmoe.runtime.fileio import pread_exact
+from flashmoe.runtime.staging import staged
 
 FORMAT = "flashmoe-packed/1"
 DIRNAME = "flashmoe-packed"
@@ -52,22 +52,20 @@ def expert_hash(views: list[np.ndarray]) -> str:
 
 
 def write_packed(layers: dict[int, LayerExperts], out: Path, align: int = 4096,
-                 progress: Callable[[int], Any] | None = None) -> Path:
-    """Copy every expert into per-layer blobs (atomic: built in a temp dir, then renamed)."""
-    if out.exists():
-        raise CheckpointError(f"{out} already exists; remove it or choose task.out=ANOTHER_DIR")
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+                 progress: Callable[[int], Any] | None = None, log: Any = None) -> Path:
+    """Copy every expert into per-layer blobs (atomic: staged in a temp folder, then renamed;
+    free space checked first, orphans of killed packs removed: runtime/staging.py)."""
+    def refuse_existing() -> None:
+        if out.exists():
+            raise CheckpointError(f"{out} already exists; remove it or choose task.out=ANOTHER_DIR")
+
+    needed = sum(align_up(le.expert_nbytes, align) * le.num_experts for le in layers.values())
+    with staged(out, needed=needed, hint="choose another folder with task.out=DIR", log=log,
+                check=refuse_existing) as tmp:
         entries = {str(i): _pack_layer(le, tmp, align, progress) for i, le in layers.items()}
         manifest = {"format": FORMAT, "align": align, "source": source_sizes(layers),
                     "layers": entries}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

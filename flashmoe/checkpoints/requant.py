@@ -15,20 +15,21 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
-from flashmoe.constants import BITS, GROUP_SIZES
 from flashmoe.errors import CheckpointError, ConfigError, FlashMoeError
 from flashmoe.runtime.fileio import pwrite_all
 from flashmoe.checkpoints.safetensors_index import read_file_header
+from flashmoe.constants import BITS, GROUP_SIZES
+from flashmoe.runtime.staging import staged
 from flashmoe.checkpoints.shards import Advance, ShardTensor, copy, layout, read_rows, write_rows
 
 PARTS = ("weight", "scales", "biases")
@@ -57,12 +58,15 @@ class Projection:
 
 def requant(src: Path, dst: Path, *, bits: int, group_size: int = 64,
             layer_bits: dict[int, int] | None = None, progress: bool = True,
-            chunk_experts: int = 32) -> Path:
+            chunk_experts: int = 32, log: Any = None,
+            hint: str = "choose another output folder") -> Path:
     """Write a copy of checkpoint `src` to `dst` whose routed experts use `bits` (per layer:
-    `layer_bits`) and `group_size`; the rest is byte-identical. Returns `dst`."""
+    `layer_bits`) and `group_size`; the rest is byte-identical. Returns `dst`.
+
+    Free space is checked before the first byte; the copy is staged in a temp folder beside
+    `dst` (runtime/staging.py) that is renamed into place only when complete."""
     src, dst, layer_bits = Path(src), Path(dst), dict(layer_bits or {})
     _check_args(bits, group_size, layer_bits, chunk_experts)
-    _check_dst(dst, bits)
     config = _read_json(src / "config.json")
     weight_map = _weight_map(src)
     tensors: dict[str, ShardTensor] = {}
@@ -71,24 +75,22 @@ def requant(src: Path, dst: Path, *, bits: int, group_size: int = 64,
         tensors_f, metas[fname] = read_header(src / fname)
         tensors.update(tensors_f)
     projections = _plan(tensors, _quantization(config, src), bits, group_size, layer_bits)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))  # renamed at the end
-    try:
-        work.chmod(0o755)  # mkdtemp makes it private; a checkpoint is not
+    changed, new = _changes(projections)
+    layouts = {fname: layout(fname, {k: t for k, t in tensors.items() if t.file == fname}, new,
+                             metas[fname]) for fname in metas}
+    needed = sum(max([len(h), *(t.end for t in placed.values())]) for h, placed in
+                 layouts.values()) + sum(f.stat().st_size for f in _side_files(src))
+    with staged(dst, needed=needed, hint=hint, log=log,  # renamed to dst at the end
+                check=lambda: _check_dst(dst, bits)) as work:
         with _progress_bar(progress) as bar:
             total = sum(t.end - t.start for t in tensors.values())
             task = bar.add_task(f"requant → {dst.name}", total=total)
-            out = _write_shards(src, work, tensors, metas, projections,
+            out = _write_shards(src, work, tensors, layouts, changed, new,
                                 lambda n: bar.advance(task, n), chunk_experts)
         _write_index(src, work, weight_map, out)
         (work / "config.json").write_text(json.dumps(_new_config(config, projections), indent=4))
-        _copy_side_files(src, work)
-        if dst.exists():
-            dst.rmdir()  # _check_dst made sure it is empty
-        os.replace(work, dst)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        for f in _side_files(src):
+            shutil.copyfile(f, work / f.name)
     return dst
 
 
@@ -196,22 +198,27 @@ def _projection(path: str, parts: dict[str, ShardTensor], quant: dict, bits: int
                       w, s, parts["biases"])
 
 
-def _write_shards(src: Path, work: Path, tensors: dict[str, ShardTensor], metas: dict[str, dict],
-                  projections: list[Projection], advance: Advance, chunk: int) -> dict[str, ShardTensor]:
-    changed = {p.path: p for p in projections if p.src != p.dst}  # same settings: plain copy
+def _changes(projections: list[Projection]) -> tuple[dict[str, Projection], dict[str, tuple]]:
+    """Projections whose settings change (same settings: plain copy) and their new tensors."""
+    changed = {p.path: p for p in projections if p.src != p.dst}
     new = {f"{p.path}.{part}": (getattr(p, part).dtype, shape)
            for p in changed.values() for part, shape in p.out_shapes().items()}
+    return changed, new
+
+
+def _write_shards(src: Path, work: Path, tensors: dict[str, ShardTensor],
+                  layouts: dict[str, tuple[bytes, dict[str, ShardTensor]]],
+                  changed: dict[str, Projection], new: dict[str, tuple], advance: Advance,
+                  chunk: int) -> dict[str, ShardTensor]:
     out: dict[str, ShardTensor] = {}
     with ExitStack() as stack:
         fds_in: dict[str, int] = {}
         fds_out: dict[str, int] = {}
-        for fname in metas:
+        for fname, (header, placed) in layouts.items():
             fds_in[fname] = os.open(src / fname, os.O_RDONLY)
             stack.callback(os.close, fds_in[fname])
             fds_out[fname] = os.open(work / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             stack.callback(os.close, fds_out[fname])
-            mine = {k: t for k, t in tensors.items() if t.file == fname}
-            header, placed = layout(fname, mine, new, metas[fname])
             pwrite_all(fds_out[fname], memoryview(header), 0)
             os.ftruncate(fds_out[fname], max([len(header), *(t.end for t in placed.values())]))
             out.update(placed)
@@ -260,11 +267,10 @@ def _new_config(config: dict, projections: list[Projection]) -> dict:
     return config
 
 
-def _copy_side_files(src: Path, work: Path) -> None:
+def _side_files(src: Path) -> list[Path]:
     """Tokenizer, templates, generation config, README…: every other top-level file."""
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", _INDEX):
-            shutil.copyfile(f, work / f.name)
+    return [f for f in sorted(src.iterdir()) if f.is_file() and f.suffix != ".safetensors"
+            and f.name not in ("config.json", _INDEX)]
 
 
 def _progress_bar(enabled: bool) -> Progress:

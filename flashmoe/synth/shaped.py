@@ -18,6 +18,8 @@ import numpy as np
 
 from flashmoe.constants import BITS, GROUP_SIZES
 from flashmoe.errors import ConfigError
+from flashmoe.runtime.staging import check_space
+from flashmoe.synth.cache import ENV_DIR
 from flashmoe.synth.tokenizer import SPECIAL, write_tokenizer
 from flashmoe.synth.writer import TensorSpec, dense, quantized, write_checkpoint
 
@@ -218,10 +220,12 @@ def pad_tokenizer(path: Path, vocab_size: int, seed: int = 0) -> None:
 def build_qwen35(
     path: Path | str, dims: Qwen35Dims, *, bits: int = 4, group_size: int = 64, seed: int = 0,
     progress: bool = True, label: str = "synthetic qwen3_5_moe",
+    hint: str = f"set {ENV_DIR} (or model.path for model=synth) to a folder with more space",
 ) -> Path:
     """Write tokenizer, config.json and the streamed shards of `dims` into `path`."""
     specs = qwen35_specs(dims, bits, group_size)  # validates before touching the disk
     path = Path(path)
+    check_space(path, sum(s.nbytes for s in specs), hint)  # before the first byte
     path.mkdir(parents=True, exist_ok=True)
     base = write_tokenizer(path, min(TOKENIZER_VOCAB, dims.vocab_size))
     if dims.vocab_size > base:

@@ -72,7 +72,8 @@ def warn_device(engine: Engine, log: Any) -> None:
     if engine.requested_device != engine.device:
         log.warning("device_unavailable", requested=engine.requested_device, using=engine.device,
                     dtype=engine.options.dtype,
-                    hint="this MLX build has no GPU backend; running on the CPU in float32")
+                    hint="this MLX build has no GPU backend; running on the CPU in float32 "
+                    "(the run's first stderr line says how to install the GPU build)")
 
 
 def max_context(engine: Engine) -> int | None:

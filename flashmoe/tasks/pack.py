@@ -26,7 +26,8 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as bar:
         tid = bar.add_task("pack", total=total)
-        write_packed(resident.experts, out, align, progress=lambda n: bar.advance(tid, n))
+        write_packed(resident.experts, out, align, progress=lambda n: bar.advance(tid, n),
+                     log=log)
     if out != path / DIRNAME:
         print(f"flashmoe: packed into {out}; move it to {path / DIRNAME} for io.layout=auto "
               "to use it", file=sys.stderr)

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from flashmoe.errors import CheckpointError, ConfigError, FlashMoeError
+from flashmoe.runtime.staging import staged
 from flashmoe.checkpoints.convert.gguf_tokenizer import write_gguf_tokenizer
 from flashmoe.checkpoints.convert.gguf_weights import (Packed, Tensor, llama_config, read_gguf, to_float,
                                          unpermute_qk)
@@ -57,6 +58,8 @@ def convert_smollm2(
     keep_quantized: bool = True,
     progress: bool = True,
     gguf: Path | None = None,
+    log: Any = None,
+    hint: str = "choose another output folder",
 ) -> Path:
     """Write SmolLM2-135M-Instruct to `out_dir` as an mlx-lm checkpoint and return `out_dir`.
 
@@ -64,6 +67,8 @@ def convert_smollm2(
     shared_neurons leaves 160-neuron experts for E=8. Routed experts are quantized with
     (expert_bits, expert_group_size): (4, 32) copies GGUF's Q4_1 blocks bit for bit, other
     values requantize, expert_bits=0 keeps float32. num_experts_per_tok = experts (exact).
+    The output is staged beside `out_dir` and renamed into place when complete; free space
+    is checked before the first byte (runtime/staging.py).
     """
     if variant not in ("dense", "moe"):
         raise ConfigError(f"variant={variant!r} must be 'dense' or 'moe'.")
@@ -77,14 +82,16 @@ def convert_smollm2(
         if variant == "moe":
             spec = moe_spec(base["intermediate_size"], experts, shared=shared_neurons,
                             bits=expert_bits, group_size=expert_group_size)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ids = write_gguf_tokenizer(meta, out_dir)
         steps.advance()
-        config = _config(base, ids, spec, tied="lm_head" not in tensors)
+        tied = "lm_head" not in tensors
         modules, arrays = _convert(tensors, base, spec, keep_quantized, steps)
-        steps.start("writing safetensors", total=1)
-        _save(out_dir, config, modules, arrays)
-        steps.advance()
+        weights, _ = _flatten(modules, arrays)
+        needed = sum(w.nbytes for w in weights.values())  # the tokenizer is in the margin
+        with staged(out_dir, needed=needed, hint=hint, log=log) as tmp:  # renamed at the end
+            ids = write_gguf_tokenizer(meta, tmp)
+            steps.start("writing safetensors", total=1)
+            _save(tmp, _config(base, ids, spec, tied=tied), modules, arrays)
+            steps.advance()
     return out_dir
 
 
