@@ -73,6 +73,14 @@ class SamplingConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: str = "expert"  # expert | none
+    backend: str = "any"  # any | ring | mpi | nccl | jaccl
+    timeout_s: float = 120.0
+    connect_timeout_s: float = 60.0
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
 
@@ -137,6 +145,7 @@ class Config:
     cache: CacheConfig = MISSING
     sampling: SamplingConfig = MISSING
     task: TaskConfig = MISSING
+    dist: DistConfig = MISSING
     prompt: str = DEFAULT_PROMPT
     max_tokens: int = 64
     chat: bool = False
@@ -148,6 +157,7 @@ class Config:
 GROUP_SCHEMAS: tuple[tuple[str, type], ...] = (
     ("hardware", HardwareConfig), ("model", ModelConfig), ("io", IOConfig),
     ("cache", CacheConfig), ("sampling", SamplingConfig), ("task", TaskConfig),
+    ("dist", DistConfig),
 )
 TASK_SCHEMAS: tuple[type[TaskConfig], ...] = (
     GenerateTask, BenchTask, PplTask, PackTask, RequantTask, ConvertTask,
@@ -291,6 +301,18 @@ def validate(cfg: DictConfig) -> None:
     _at_least(cfg, "max_tokens", 1)
     _validate_model(cfg)
     _validate_task(cfg)
+    _validate_dist(cfg)
+
+
+def _validate_dist(cfg: DictConfig) -> None:
+    from flashmoe.runtime.dist import BACKENDS, STRATEGIES
+
+    if cfg.get("dist") is None:
+        return
+    _one_of(cfg, "dist.strategy", STRATEGIES)
+    _one_of(cfg, "dist.backend", BACKENDS)
+    _at_least(cfg, "dist.timeout_s", 1)
+    _at_least(cfg, "dist.connect_timeout_s", 1)
 
 
 register_configs()

@@ -63,7 +63,7 @@ class Model:
         self.tokenizer: Any = None
         self.pipeline = Pipeline(resident, worker, self.store, self.pools, self.io, self.k,
                                  options.mx_dtype, verify=options.io_verify,
-                                 prefetch=options.prefetch)
+                                 prefetch=options.prefetch, parallel=options.parallel)
         # one step at a time on the shared slots and MLX thread; sessions take turns
         self.step_lock = asyncio.Lock()
 
@@ -76,6 +76,8 @@ class Model:
         index = await asyncio.to_thread(CheckpointIndex.open, path)
         worker = MlxWorker(options.device)
         try:
+            if options.parallel is not None:  # refuse mismatched ranks before loading anything
+                await options.parallel.agree(worker.run, start_digests(index, options))
             resident = await worker.build(load_resident, path, index, options.mx_dtype)
             engine = cls(path, options, worker, index, resident)
         except BaseException:
@@ -127,12 +129,19 @@ class Model:
                     "cache_budget_gb", budget, f"holds {n} experts of "
                     f"{spec.expert_nbytes / 2**20:.2f} MiB but one layer needs {self.k} "
                     f"(experts_per_token); use at least {need:.3g}")
-            n = min(n, self.num_experts * len(layers))
+            n = min(n, self.experts_owned * len(layers))
             for group, slots in split_under_cap(layers, n, self._slot_cap(spec)):
                 pool = SlotPool(spec, slots, self.options.cache_policy,
                                 upcast=self.options.dtype == "float32")
                 pools.update({i: pool for i in group})
         return pools
+
+    @property
+    def experts_owned(self) -> int:
+        """Experts per MoE layer this process reads and caches (its share when several ranks
+        split them; the cache budget covers only those)."""
+        par = self.options.parallel
+        return len(par.share(self.num_experts)) if par is not None else self.num_experts
 
     def _slot_cap(self, spec) -> int:
         """Most slots one pool may hold: each part's slot array stays within 2 GiB."""
@@ -205,6 +214,18 @@ class Model:
         self.io.close()
         self.store.close()
         self.worker.close()
+
+
+def start_digests(index: CheckpointIndex, options: EngineOptions) -> list[tuple[str, bytes]]:
+    """What every rank must share: the checkpoint (config.json and tensor headers), the
+    options that change the numbers, and the task's own settings."""
+    from flashmoe.runtime.dist import digest
+
+    headers = sorted((n, t.dtype, t.shape, t.nbytes) for n, t in index.tensors.items())
+    numerics = (options.experts_per_token, options.dtype, options.device)
+    return [("checkpoint (config.json + safetensors headers)", digest(index.config, headers)),
+            ("engine setting (experts_per_token, dtype, device)", digest(*numerics)),
+            ("task config (prompt, sampling, task keys)", digest(options.run_context))]
 
 
 def split_under_cap(layers: list[int], n: int, cap: int) -> list[tuple[list[int], int]]:
