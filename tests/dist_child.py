@@ -1,6 +1,6 @@
 """One rank of a 2-rank loopback run (tests/test_dist.py starts two of these).
 
-argv: out.json, then a JSON list of jobs {"path", "prompt", "steps", **EngineOptions}.
+argv: out path ({rank} filled in), then a JSON list of jobs {"path", "prompt", "steps", **EngineOptions}.
 Writes each job's greedy tokens, last-position logits, bytes read and expert share."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ async def main() -> None:
         "DIST_TEST_TIMEOUT", "60")), connect_s=30)
     assert par is not None
     res = [await one(par, dict(j)) for j in jobs]
-    with open(out, "w") as f:
+    with open(out.format(rank=par.rank), "w") as f:
         json.dump({"rank": par.rank, "jobs": res}, f)
 
 
