@@ -193,15 +193,20 @@ class Engine:
 
     async def generate(self, prompt: Sequence[int], max_tokens: int,
                        sampler: Sampler | None = None,
-                       stop: Sequence[int] = ()) -> AsyncIterator[TokenEvent]:
-        """Prompt in one exact pass, then one token per step; yields as tokens arrive."""
+                       stop: Sequence[int] = (), cache: list[Any] | None = None,
+                       ) -> AsyncIterator[TokenEvent]:
+        """Prompt in one exact pass, then one token per step; yields as tokens arrive.
+
+        `cache` (from new_cache) continues a session: `prompt` is then only the new tokens.
+        It ends holding everything fed, i.e. all yielded tokens but the last."""
         if max_tokens < 1:
             raise ConfigError(f"max_tokens={max_tokens} must be at least 1")
         if not prompt:
             raise ConfigError("prompt is empty (0 tokens); give some text, e.g. prompt=\"Hello\"")
         if sampler is not None:
             self.pipeline.sampling.sampler = sampler
-        cache, ids, t_start = self.new_cache(), list(prompt), time.perf_counter()
+        cache = cache if cache is not None else self.new_cache()
+        ids, t_start = list(prompt), time.perf_counter()
         for n in range(max_tokens):
             stats, t0 = StepStats(), time.perf_counter()
             logits = await self.pipeline.forward(ids, cache, stats)

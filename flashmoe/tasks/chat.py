@@ -1,0 +1,123 @@
+"""`chat=true` on a terminal: a multi-turn chat, answers streamed, per-turn tok/s on stderr.
+
+/reset forgets the conversation, /quit (or Ctrl-D) leaves, Ctrl-C stops the answer being
+written and returns to the prompt; a line ending in a backslash continues on the next one.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Any
+
+from omegaconf import DictConfig
+
+from flashmoe.chat import ChatSession, Turn
+from flashmoe.engine import Engine, TokenEvent
+from flashmoe.errors import ConfigError
+from flashmoe.stages.sampling import Sampler
+from flashmoe.tasks.common import max_context, run_summary
+
+PROMPT, MORE = "> ", ". "
+HELP = ("chat: type a message and press Enter (end a line with \\ to continue it); /reset "
+        "clears the conversation, /quit or Ctrl-D exits, Ctrl-C stops an answer")
+
+
+async def chat(cfg: DictConfig, engine: Engine, sampler: Sampler, log: Any) -> dict:
+    """The read-answer loop; returns the run summary when the person leaves."""
+    session = ChatSession(engine, cfg.system, max_context(engine))
+    stop = list(engine.tokenizer.eos_token_ids or ())
+    _enable_line_editing()
+    print(f"flashmoe {HELP}", file=sys.stderr)
+    log.info("chat_started", model_path=str(engine.path), max_tokens=cfg.max_tokens)
+    while (line := read_message()) is not None:
+        command = line.strip()
+        if command in ("/quit", "/exit", "/bye"):
+            break
+        if command == "/reset":
+            session.reset()
+            print("[conversation cleared]", file=sys.stderr)
+            continue
+        if command.startswith("/") and " " not in command:
+            print(f"[unknown command {command}; commands: /reset, /quit]", file=sys.stderr)
+            continue
+        if not command:
+            continue
+        try:
+            plan = session.plan(line, cfg.max_tokens)
+        except ConfigError as e:
+            print(f"flashmoe: {e}", file=sys.stderr)
+            continue
+        turn = await _answer(session, plan, cfg.max_tokens, sampler, stop, log)
+        log.info("chat_turn_finished", prompt_token_ids=plan.ids, prompt_tokens=turn.prompt_tokens,
+                 generated_tokens=len(turn.token_ids), stopped=turn.stopped,
+                 fresh_cache=turn.fresh, ttft_s=round(turn.prefill_s, 4),
+                 tok_s=round(turn.tok_s, 3), position=session.position)
+        print(_turn_line(turn, cfg.max_tokens), file=sys.stderr)
+    return run_summary(cfg, engine, engine.totals, "ok")
+
+
+async def _answer(session: ChatSession, plan: Any, max_tokens: int, sampler: Sampler,
+                  stop: list[int], log: Any) -> Turn:
+    """Stream one answer to stdout; Ctrl-C sets a flag the loop reads between tokens."""
+    detok = session.engine.tokenizer.detokenizer
+    detok.reset()
+    start = 0 if plan.fresh else session.position
+    ctrl_c = threading.Event()
+
+    def on_token(ev: TokenEvent) -> None:
+        log.info("token_sampled", **{**ev.stats, "token_id": ev.token_id,
+                                     "position": start + ev.position})
+        detok.add_token(ev.token_id)
+        sys.stdout.write(detok.last_segment)
+        sys.stdout.flush()
+
+    # a step stopped halfway would leave the cache inconsistent: stop between tokens instead
+    previous = signal.signal(signal.SIGINT, lambda *_: ctrl_c.set())
+    try:
+        turn = await session.reply(plan, max_tokens, sampler, stop, on_token, ctrl_c.is_set)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    detok.finalize()
+    sys.stdout.write(detok.last_segment + "\n")
+    sys.stdout.flush()
+    return turn
+
+
+def _turn_line(turn: Turn, max_tokens: int) -> str:
+    why = {"interrupted": "; stopped (Ctrl-C)",
+           "max_tokens": f"; cut at max_tokens={max_tokens}"}.get(turn.stopped, "")
+    fresh = "" if not turn.fresh else ", full history"
+    return (f"[{len(turn.token_ids)} tokens, {turn.tok_s:.2f} tok/s | prompt +{turn.prompt_tokens} "
+            f"tokens{fresh}, first token {turn.prefill_s:.2f} s{why}]")
+
+
+def read_message() -> str | None:
+    """One message from the terminal (None on Ctrl-D). Blocks the event loop on purpose:
+    nothing else runs while the person types, and only the main thread sees Ctrl-C."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        lines: list[str] = []
+        while True:
+            try:
+                line = input(MORE if lines else PROMPT)
+            except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line being typed
+                print(file=sys.stdout)
+                lines = []
+                continue
+            except EOFError:
+                print(file=sys.stdout)
+                return None
+            if line.endswith("\\"):
+                lines.append(line[:-1])
+                continue
+            return "\n".join([*lines, line])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _enable_line_editing() -> None:
+    try:
+        import readline  # noqa: F401 - input() then edits lines and keeps history
+    except ImportError:  # not on every platform
+        pass
