@@ -105,7 +105,7 @@ def spawn_chat(path: Path, cwd: Path, *extra: str, timeout: int = 120):
 def ask(child, text: str) -> str:
     """Send a message; the answer streamed before the per-turn line."""
     child.sendline(text)
-    child.expect(r"\[(\d+) tokens, ([\d.]+) tok/s \| prompt \+(\d+) tokens[^\]]*\]")
+    child.expect(r"\[\d+ tokens?(, [\d.]+ tok/s)? \| prompt \+?\d+ tokens[^\]]*\]")
     answer = child.before.split(text, 1)[-1]
     child.expect_exact("> ")
     return answer

@@ -85,11 +85,14 @@ async def _answer(session: ChatSession, plan: Any, max_tokens: int, sampler: Sam
 
 
 def _turn_line(turn: Turn, max_tokens: int) -> str:
+    """`[12 tokens, 8.31 tok/s | prompt +21 tokens, first token 0.41 s]` (stderr)."""
     why = {"interrupted": "; stopped (Ctrl-C)",
            "max_tokens": f"; cut at max_tokens={max_tokens}"}.get(turn.stopped, "")
-    fresh = "" if not turn.fresh else ", full history"
-    return (f"[{len(turn.token_ids)} tokens, {turn.tok_s:.2f} tok/s | prompt +{turn.prompt_tokens} "
-            f"tokens{fresh}, first token {turn.prefill_s:.2f} s{why}]")
+    n = len(turn.token_ids)
+    rate = f", {turn.tok_s:.2f} tok/s" if turn.decode_tokens > 0 else ""
+    prompt = f"{turn.prompt_tokens} tokens (new cache)" if turn.fresh else f"+{turn.prompt_tokens} tokens"
+    return (f"[{n} token{'s' if n != 1 else ''}{rate} | prompt {prompt}, "
+            f"first token {turn.prefill_s:.2f} s{why}]")
 
 
 def read_message() -> str | None:
