@@ -136,7 +136,7 @@ class Events:
     warning = info
 
 
-async def test_thirty_plus_prompts_reach_the_engine_exactly(tiny, monkeypatch, capsys):
+async def test_thirty_plus_prompts_reach_the_engine_exactly(tiny, monkeypatch):
     """argv -> overrides -> Hydra -> task=generate -> Engine.generate, for every prompt: the ids
     the engine receives are the tokenizer's encoding of the exact string (one warm engine)."""
     import flashmoe.tasks.generate as generate

@@ -98,13 +98,13 @@ def _turn_line(turn: Turn, max_tokens: int) -> str:
 def read_message() -> str | None:
     """One message from the terminal (None on Ctrl-D). Blocks the event loop on purpose:
     nothing else runs while the person types, and only the main thread sees Ctrl-C."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, _raise_ctrl_c)
     try:
         lines: list[str] = []
         while True:
             try:
                 line = input(MORE if lines else PROMPT)
-            except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line being typed
+            except _CtrlC:  # Ctrl-C at the prompt drops the line (SIGTERM still ends the run)
                 print(file=sys.stdout)
                 lines = []
                 continue
@@ -117,6 +117,14 @@ def read_message() -> str | None:
             return "\n".join([*lines, line])
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class _CtrlC(Exception):
+    """SIGINT while the person types (KeyboardInterrupt is SIGTERM's, and ends the run)."""
+
+
+def _raise_ctrl_c(signum: int, frame: Any) -> None:
+    raise _CtrlC
 
 
 def _enable_line_editing() -> None:
