@@ -36,11 +36,15 @@ def resolve_prompt(cfg: DictConfig, stdin: TextIO | None = None) -> Prompt:
     if cfg.prompt_file is not None:
         return Prompt(_read_file(cfg.prompt_file), "prompt_file")
     if cfg.prompt == "-":
-        return Prompt(_read_stdin(stdin), "stdin")
+        text = _read_stdin(stdin)
+        if text is None:
+            raise ConfigError("prompt=- but standard input is closed or unreadable; pipe the text "
+                              "in, or give prompt=TEXT or prompt_file=PATH")
+        return Prompt(text, "stdin")
     if cfg.prompt is not None:
         return Prompt(cfg.prompt, "prompt")
     if not _isatty(stdin):  # `echo ... | python -m flashmoe`, `python -m flashmoe < file`
-        text = _read_stdin(stdin)
+        text = _read_stdin(stdin)  # None: closed or unreadable (a daemon, a test runner)
         if text:
             return Prompt(text, "stdin")
     elif cfg.chat:
@@ -75,8 +79,9 @@ def _read_file(name: str) -> str:
         raise ConfigError(f"prompt_file={name} cannot be read ({e.strerror})") from None
 
 
-def _read_stdin(stdin: TextIO) -> str:
-    """All of stdin; says on stderr what it waits for if nothing arrives for a while."""
+def _read_stdin(stdin: TextIO | None) -> str | None:
+    """All of stdin (None if it cannot be read); says on stderr what it waits for if nothing
+    arrives for a while."""
     try:
         ready, _, _ = select.select([stdin], [], [], STDIN_HINT_AFTER_S)
     except (OSError, ValueError, TypeError):  # no fileno (a test double): just read
@@ -89,3 +94,5 @@ def _read_stdin(stdin: TextIO) -> str:
         return _strip_newline(data)
     except UnicodeDecodeError:
         raise ConfigError("standard input is not UTF-8 text; pipe UTF-8 or use prompt_file=PATH") from None
+    except (OSError, ValueError, AttributeError):  # closed (<&-) or not readable
+        return None

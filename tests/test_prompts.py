@@ -103,6 +103,14 @@ def test_prompt_sources(tmp_path):
     assert (src.text, src.origin) == ("from a pipe, with 'quotes'", "stdin")
     assert resolve_prompt(_cfg(), io.StringIO("")).text == DEFAULT_PROMPT  # < /dev/null
     assert resolve_prompt(_cfg(), Terminal()).text == DEFAULT_PROMPT
+    closed = io.StringIO()
+    closed.close()  # `<&-`, or a runner's stdin that refuses reads
+    assert resolve_prompt(_cfg(), closed).text == DEFAULT_PROMPT
+    with pytest.raises(ConfigError, match="prompt=- but standard input is closed"):
+        resolve_prompt(_cfg("prompt=-"), closed)
+    latin1 = io.TextIOWrapper(io.BytesIO("café".encode("latin-1")))
+    with pytest.raises(ConfigError, match="standard input is not UTF-8"):
+        resolve_prompt(_cfg(), latin1)
     chat = resolve_prompt(_cfg("chat=true"), Terminal())
     assert (chat.text, chat.origin) == (None, "terminal")  # the interactive chat
     assert resolve_prompt(_cfg("chat=true", "prompt=hi"), Terminal()).text == "hi"

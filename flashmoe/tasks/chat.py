@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from flashmoe.chat import ChatSession, Turn
+from flashmoe.chat import ChatSession, Turn, TurnPlan
 from flashmoe.engine import Engine, TokenEvent
 from flashmoe.errors import ConfigError
 from flashmoe.stages.sampling import Sampler
@@ -57,7 +57,7 @@ async def chat(cfg: DictConfig, engine: Engine, sampler: Sampler, log: Any) -> d
     return run_summary(cfg, engine, engine.totals, "ok")
 
 
-async def _answer(session: ChatSession, plan: Any, max_tokens: int, sampler: Sampler,
+async def _answer(session: ChatSession, plan: TurnPlan, max_tokens: int, sampler: Sampler,
                   stop: list[int], log: Any) -> Turn:
     """Stream one answer to stdout; Ctrl-C sets a flag the loop reads between tokens."""
     detok = session.engine.tokenizer.detokenizer
