@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -145,11 +146,20 @@ def test_chat_in_a_terminal(tiny, tmp_path):
     assert t[1]["position"] > t[0]["position"]
 
 
+def endless(src: Path, dst: Path) -> Path:
+    """A copy whose tokenizer has no end token: every answer runs to max_tokens."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "tokenizer_config.json").read_text())
+    (dst / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
+    return dst
+
+
 def test_ctrl_c_stops_the_answer_not_the_chat(tiny, tmp_path):
     import pexpect
 
-    child = spawn_chat(tiny("qwen3_5_moe"), tmp_path, "max_tokens=1500")
-    for message in ("Write a long story", "Another one"):  # long enough to interrupt
+    path = endless(tiny("qwen3_5_moe"), tmp_path / "endless")
+    child = spawn_chat(path, tmp_path, "max_tokens=1500")
+    for message in ("Write a long story", "Another one"):  # seconds long: time to interrupt
         child.sendline(message)
         child.expect_exact(message)
         child.expect(r"\S")  # the answer has started

@@ -30,7 +30,18 @@ async def chat(cfg: DictConfig, engine: Engine, sampler: Sampler, log: Any) -> d
     _enable_line_editing()
     print(f"flashmoe {HELP}", file=sys.stderr)
     log.info("chat_started", model_path=str(engine.path), max_tokens=cfg.max_tokens)
-    while (line := read_message()) is not None:
+    keys = CtrlC()
+    previous = signal.signal(signal.SIGINT, keys)
+    try:
+        await _loop(cfg, session, sampler, stop, keys, log)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return run_summary(cfg, engine, engine.totals, "ok")
+
+
+async def _loop(cfg: DictConfig, session: ChatSession, sampler: Sampler, stop: list[int],
+                keys: "CtrlC", log: Any) -> None:
+    while (line := read_message(keys)) is not None:
         command = line.strip()
         if command in ("/quit", "/exit", "/bye"):
             break
@@ -48,22 +59,21 @@ async def chat(cfg: DictConfig, engine: Engine, sampler: Sampler, log: Any) -> d
         except ConfigError as e:
             print(f"flashmoe: {e}", file=sys.stderr)
             continue
-        turn = await _answer(session, plan, cfg.max_tokens, sampler, stop, log)
+        turn = await _answer(session, plan, cfg.max_tokens, sampler, stop, keys, log)
         log.info("chat_turn_finished", prompt_token_ids=plan.ids, prompt_tokens=turn.prompt_tokens,
                  generated_tokens=len(turn.token_ids), stopped=turn.stopped,
                  fresh_cache=turn.fresh, ttft_s=round(turn.prefill_s, 4),
                  tok_s=round(turn.tok_s, 3), position=session.position)
         print(_turn_line(turn, cfg.max_tokens), file=sys.stderr)
-    return run_summary(cfg, engine, engine.totals, "ok")
 
 
 async def _answer(session: ChatSession, plan: TurnPlan, max_tokens: int, sampler: Sampler,
-                  stop: list[int], log: Any) -> Turn:
-    """Stream one answer to stdout; Ctrl-C sets a flag the loop reads between tokens."""
+                  stop: list[int], keys: "CtrlC", log: Any) -> Turn:
+    """Stream one answer to stdout; Ctrl-C sets a flag the loop reads between tokens (a step
+    stopped halfway through the layers would leave the cache inconsistent)."""
     detok = session.engine.tokenizer.detokenizer
     detok.reset()
     start = 0 if plan.fresh else session.position
-    ctrl_c = threading.Event()
 
     def on_token(ev: TokenEvent) -> None:
         log.info("token_sampled", **{**ev.stats, "token_id": ev.token_id,
@@ -72,12 +82,7 @@ async def _answer(session: ChatSession, plan: TurnPlan, max_tokens: int, sampler
         sys.stdout.write(detok.last_segment)
         sys.stdout.flush()
 
-    # a step stopped halfway would leave the cache inconsistent: stop between tokens instead
-    previous = signal.signal(signal.SIGINT, lambda *_: ctrl_c.set())
-    try:
-        turn = await session.reply(plan, max_tokens, sampler, stop, on_token, ctrl_c.is_set)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    turn = await session.reply(plan, max_tokens, sampler, stop, on_token, keys.pressed.is_set)
     detok.finalize()
     sys.stdout.write(detok.last_segment + "\n")
     sys.stdout.flush()
@@ -95,36 +100,46 @@ def _turn_line(turn: Turn, max_tokens: int) -> str:
             f"first token {turn.prefill_s:.2f} s{why}]")
 
 
-def read_message() -> str | None:
+class CtrlC:
+    """The chat's SIGINT handler: while the person types it raises (the line is dropped),
+    otherwise it only flags the answer to stop. SIGTERM stays KeyboardInterrupt: it ends the run."""
+
+    def __init__(self) -> None:
+        self.typing = False
+        self.pressed = threading.Event()
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.typing:
+            raise _DropLine
+        self.pressed.set()  # after Enter: stops the answer at its first token
+
+
+class _DropLine(Exception):
+    pass
+
+
+def read_message(keys: CtrlC) -> str | None:
     """One message from the terminal (None on Ctrl-D). Blocks the event loop on purpose:
     nothing else runs while the person types, and only the main thread sees Ctrl-C."""
-    previous = signal.signal(signal.SIGINT, _raise_ctrl_c)
-    try:
-        lines: list[str] = []
-        while True:
-            try:
-                line = input(MORE if lines else PROMPT)
-            except _CtrlC:  # Ctrl-C at the prompt drops the line (SIGTERM still ends the run)
-                print(file=sys.stdout)
-                lines = []
-                continue
-            except EOFError:
-                print(file=sys.stdout)
-                return None
-            if line.endswith("\\"):
-                lines.append(line[:-1])
-                continue
-            return "\n".join([*lines, line])
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-class _CtrlC(Exception):
-    """SIGINT while the person types (KeyboardInterrupt is SIGTERM's, and ends the run)."""
-
-
-def _raise_ctrl_c(signum: int, frame: Any) -> None:
-    raise _CtrlC
+    keys.pressed.clear()  # the last answer's Ctrl-C is spent
+    lines: list[str] = []
+    while True:
+        try:
+            keys.typing = True
+            line = input(MORE if lines else PROMPT)
+        except _DropLine:
+            print(file=sys.stdout)
+            lines = []
+            continue
+        except EOFError:
+            print(file=sys.stdout)
+            return None
+        finally:
+            keys.typing = False
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        return "\n".join([*lines, line])
 
 
 def _enable_line_editing() -> None:
