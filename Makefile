@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed  ## build (once) and run the embedded demo model
 	$(BIN)/python -m flashmoe $(ARGS)
 
-test: $(VENV)/.installed  ## the whole test suite (~3 min on 2 cores)
+test: $(VENV)/.installed  ## lint (ruff, config in pyproject.toml), then the whole test suite
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(ARGS)
 
 fuzz: $(VENV)/.installed  ## the long fuzzing target (100k+ inputs), not part of `make test`

@@ -10,9 +10,10 @@ from omegaconf import DictConfig
 
 from flashmoe.argv import to_overrides
 from flashmoe.cli import precheck
+from flashmoe.conf_dir import conf_dir
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def _job(cfg: DictConfig) -> None:
     from flashmoe.app import main
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from flashmoe.config import validate
 from flashmoe.config_errors import hydra_failure_message
 from flashmoe.errors import FlashMoeError
-from flashmoe.runtime.hardware import resolve_hardware
+from flashmoe.hardware import detect_machine, picked_line, resolve_hardware
 from flashmoe.runtime.logging import close_logging, setup_logging
 from flashmoe.tasks.common import run_summary
 
@@ -34,13 +34,19 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 def main(cfg: DictConfig) -> int:
     """Entry for one Hydra job; returns the process exit code."""
-    cfg = resolve_hardware(cfg)
+    machine = detect_machine() if cfg.hardware.name == "auto" else None
+    cfg = resolve_hardware(cfg, machine=machine)
     run_dir = run_dir_of(cfg)
     try:
         log = setup_logging(run_dir, level="debug" if cfg.debug else "info")
     except OSError as e:  # run_dir=/read-only/place: nowhere to log to
         print(f"flashmoe: {hydra_failure_message(e)}", file=sys.stderr)
         return EXIT_ERROR
+    if machine is not None:  # printed with the summary line (an error's one line stays one)
+        log.info("hardware_picked", profile=cfg.hardware.name, chip=machine.chip,
+                 ram_gb=round(machine.ram_gb, 1), gpu=machine.gpu,
+                 gpu_memory_gb=machine.gpu_memory_gb, memory_gb=cfg.hardware.memory_gb,
+                 cache_budget_gb=cfg.hardware.cache_budget_gb)
     state: dict[str, Any] = {}
     status, code, summary = "error", EXIT_ERROR, None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -66,8 +72,11 @@ def main(cfg: DictConfig) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         if summary is None:
-            engine = state.get("engine")
-            summary = run_summary(cfg, engine, engine.totals if engine else None, status)
+            engine, session = state.get("engine"), state.get("session")
+            totals = session.totals if session else engine.totals if engine else None
+            summary = run_summary(cfg, engine, totals, status)
+        if machine is not None:
+            summary["hardware_auto"] = picked_line(cfg, machine)
         log.info("run_summary", **summary)
         if status != "error":  # an error's one line is the cause, printed above
             _print_summary(summary, run_dir)
@@ -100,4 +109,6 @@ def _print_summary(s: dict, run_dir: Path) -> None:
             parts.append(f"{key} {s[key]}")
     if "note" in s:
         parts.append(s["note"])
+    if "hardware_auto" in s:
+        parts.append(s["hardware_auto"])
     print("flashmoe: " + " | ".join(parts) + f" | log {run_dir}/flashmoe.jsonl", file=sys.stderr)

@@ -13,7 +13,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from flashmoe.engine import Engine, TokenEvent
+from flashmoe.engine import Model, TokenEvent, Totals
 from flashmoe.errors import ConfigError
 from flashmoe.stages.sampling import Sampler
 
@@ -69,31 +69,32 @@ class Turn:
 
 
 class ChatSession:
-    """The conversation, the cache holding it, and the text that cache corresponds to."""
+    """The conversation, the engine Session whose KV cache holds it, and the text it holds."""
 
-    def __init__(self, engine: Engine, system: str | None = None,
-                 context: int | None = None) -> None:
-        if not has_chat_template(engine.tokenizer):
-            raise ConfigError(f"{engine.path} has no chat template (tokenizer_config.json "
+    def __init__(self, model: Model, system: str | None = None, context: int | None = None,
+                 sampler: Sampler | None = None, totals: Totals | None = None) -> None:
+        if not has_chat_template(model.tokenizer):
+            raise ConfigError(f"{model.path} has no chat template (tokenizer_config.json "
                               "chat_template), so chat=true cannot format turns; drop chat=true "
                               "and give prompt=TEXT")
-        self.engine, self.system, self.context = engine, system, context
+        self.model, self.system, self.context = model, system, context
+        self.session = model.session(sampler, totals=totals)
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
         self.messages: tuple[Message, ...] = (
             ({"role": "system", "content": self.system},) if self.system is not None else ())
-        self.cache: list[Any] | None = None
+        self.whole = False  # the cache holds exactly fed_text (False: start over next turn)
         self.fed_text = ""  # the rendering the cache holds
         self.position = 0  # tokens in the cache
 
     def plan(self, user: str, max_tokens: int) -> TurnPlan:
         """The next turn's ids; ConfigError (nothing changed) if it would overflow the context."""
-        tok = self.engine.tokenizer
+        tok = self.model.tokenizer
         messages = (*self.messages, {"role": "user", "content": user})
         text = render(tok, messages)
-        fresh = self.cache is None or not text.startswith(self.fed_text)
+        fresh = not self.whole or not text.startswith(self.fed_text)
         ids = encode_rendered(tok, text if fresh else text[len(self.fed_text):])
         used = 0 if fresh else self.position
         if self.context and used + len(ids) + max_tokens > self.context:
@@ -103,40 +104,39 @@ class ChatSession:
                 "type /reset to start over, or lower max_tokens")
         return TurnPlan(messages, text, ids, fresh)
 
-    async def reply(self, plan: TurnPlan, max_tokens: int, sampler: Sampler | None,
-                    stop: Sequence[int], on_token: Callable[[TokenEvent], None],
+    async def reply(self, plan: TurnPlan, max_tokens: int, stop: Sequence[int],
+                    on_token: Callable[[TokenEvent], None],
                     interrupted: Callable[[], bool] = lambda: False) -> Turn:
         """Generate the answer, calling on_token for each non-stop token; commit the turn."""
         if plan.fresh:
-            self.cache, self.position = self.engine.new_cache(), 0
+            self.session.reset()
+            self.position = 0
         tokens: list[int] = []
         first_s = last_s = 0.0
         stopped = "max_tokens"
         t0 = time.perf_counter()
-        steps = self.engine.generate(plan.ids, max_tokens, sampler, stop=stop, cache=self.cache)
-        try:
-            async with aclosing(steps):
-                async for ev in steps:
-                    tokens.append(ev.token_id)
-                    last_s = time.perf_counter() - t0
-                    first_s = first_s or last_s
-                    if ev.token_id in stop:
-                        stopped = "eos"
-                        break
-                    on_token(ev)
-                    if interrupted():
-                        stopped = "interrupted"
-                        break
-        except BaseException:
-            self.cache = None  # a step may have stopped halfway through the layers
-            raise
+        steps = self.session.generate(plan.ids, max_tokens, stop)
+        self.whole = False  # until the answer is committed
+        async with aclosing(steps):
+            async for ev in steps:
+                tokens.append(ev.token_id)
+                last_s = time.perf_counter() - t0
+                first_s = first_s or last_s
+                if ev.token_id in stop:
+                    stopped = "eos"
+                    break
+                on_token(ev)
+                if interrupted():  # between two steps: the cache is whole
+                    stopped = "interrupted"
+                    break
         answer = [t for t in tokens if t not in stop]
         self._commit(plan, tokens, answer)
-        return Turn(self.engine.decode(answer), answer, len(plan.ids), first_s,
+        return Turn(self.model.decode(answer), answer, len(plan.ids), first_s,
                     len(tokens) - 1, last_s - first_s, stopped, plan.fresh)
 
     def _commit(self, plan: TurnPlan, tokens: list[int], answer: list[int]) -> None:
         fed = tokens[:-1]  # the last sampled token was never fed back
-        self.messages = (*plan.messages, {"role": "assistant", "content": self.engine.decode(answer)})
-        self.fed_text = plan.text + self.engine.decode(fed)
+        self.messages = (*plan.messages, {"role": "assistant", "content": self.model.decode(answer)})
+        self.fed_text = plan.text + self.model.decode(fed)
         self.position += len(plan.ids) + len(fed)
+        self.whole = True

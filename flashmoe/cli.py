@@ -8,7 +8,7 @@ from typing import Any, NoReturn, Sequence
 
 from flashmoe.config import compose_config, validate
 from flashmoe.errors import ConfigError
-from flashmoe.runtime.hardware import resolve_hardware
+from flashmoe.hardware import resolve_hardware
 
 MAX_COMBINATIONS = 64
 GRAMMAR_HINT = ("in Hydra's override grammar , [ ] { } ( ) ' \" = : and spaces are special: "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flashmoe.synth.tiny import build_tiny
+from tests.fixtures.tiny import build_tiny
 
 
 @pytest.fixture(scope="session")

@@ -45,7 +45,7 @@ def test_probe_replays_direct_io_reads(tmp_path):
     """The probe must replay O_DIRECT descriptors too (aligned buffers), as io.direct uses."""
     import os
 
-    from flashmoe.runtime.probe import probe
+    from flashmoe.bench.probe import probe
 
     f = tmp_path / "blob"
     f.write_bytes(os.urandom(3 * 4096))

@@ -34,7 +34,7 @@ async def test_turns_reuse_the_cache_and_match_a_fresh_pass(tiny, family):
         session = ChatSession(engine, system="Be brief.")
         first = session.plan("Hello, what's new?", 6)
         assert first.fresh and first.ids == chat_ids(tok, "Hello, what's new?", "Be brief.")
-        turn1 = await session.reply(first, 6, None, stop, on_token=lambda ev: None)
+        turn1 = await session.reply(first, 6, stop, on_token=lambda ev: None)
         # the cache holds every sampled token but the last (an end token or the max_tokens-th)
         fed = first.ids + (turn1.token_ids if turn1.stopped == "eos" else turn1.token_ids[:-1])
         assert session.position == len(fed)
@@ -43,7 +43,7 @@ async def test_turns_reuse_the_cache_and_match_a_fresh_pass(tiny, family):
         whole = encode_rendered(tok, second.text)
         assert not second.fresh and len(second.ids) < len(whole) // 2  # only the new text
         assert tok.decode(fed + second.ids).endswith("And then?<|im_end|>\n<|im_start|>assistant\n")
-        turn2 = await session.reply(second, 6, None, stop, on_token=lambda ev: None)
+        turn2 = await session.reply(second, 6, stop, on_token=lambda ev: None)
         # the same tokens as one pass over everything the cache was fed
         assert turn2.token_ids == await _fresh_answer(engine, fed + second.ids, stop, 6)
 
@@ -59,11 +59,11 @@ async def test_interrupt_rewritten_history_and_overflow(tiny):
     try:
         session = ChatSession(engine, context=200)
         plan = session.plan("Tell me a story", 50)
-        turn = await session.reply(plan, 50, None, stop, lambda ev: None, interrupted=lambda: True)
+        turn = await session.reply(plan, 50, stop, lambda ev: None, interrupted=lambda: True)
         assert turn.stopped == "interrupted" and len(turn.token_ids) == 1  # stops between tokens
         nxt = session.plan("Go on", 6)
         assert not nxt.fresh
-        turn2 = await session.reply(nxt, 6, None, stop, lambda ev: None)
+        turn2 = await session.reply(nxt, 6, stop, lambda ev: None)
         assert turn2.token_ids == await _fresh_answer(engine, plan.ids + nxt.ids, stop, 6)
 
         before = (session.messages, session.position)

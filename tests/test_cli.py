@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-TOKEN_KEYS = {"token_id", "position", "attention_ms", "router_ms", "expert_fetch_ms",
+TOKEN_KEYS = {"token_id", "position", "device_trip_ms", "route_host_ms", "expert_fetch_ms",
               "expert_compute_ms", "sampling_ms", "bytes_read", "experts_fetched"}
 SUMMARY_KEYS = {"tok_s", "ttft_s", "expert_io_ms_per_token", "expert_gb_per_token", "peak_rss_gb",
                 "io_split", "io_threads", "hardware", "experts_per_token", "status"}
@@ -129,7 +129,7 @@ def test_ctrl_c_writes_interrupted_summary(tiny, tmp_path):
         assert code is not None, "hung twice after Ctrl-C; first dump:\n" + first[-4000:]
         import warnings
 
-        warnings.warn("a Ctrl-C hung once (retried); thread dump:\n" + first[-4000:])
+        warnings.warn("a Ctrl-C hung once (retried); thread dump:\n" + first[-4000:], stacklevel=1)
     assert code == 130, err
     assert log is not None
     (summary,) = [e for e in events(log.parent) if e["event"] == "run_summary"]

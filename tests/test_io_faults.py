@@ -117,7 +117,7 @@ async def test_persistent_eio_ends_run_without_tokens_after_fault(clean):
     reader = FaultyReader(fail=lambda n: n > clean.reads_mid)
     out = await generate(clean.path, reader, io_retries=3)
     assert isinstance(out.error, ExpertReadError)
-    assert "Input/output error after 4 attempt(s) (io.retries=3)" in str(out.error)
+    assert "Input/output error after 4 attempt(s) (3 retries allowed)" in str(out.error)
     assert "no token was computed from partial bytes" in str(out.error)
     assert 0 < len(out.tokens) < STEPS and out.tokens == clean.tokens[:len(out.tokens)]
     assert not any(out.faulted_before)  # the token being computed at the fault never came out

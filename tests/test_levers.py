@@ -9,8 +9,8 @@ import pytest
 
 from flashmoe.errors import CheckpointError, ConfigError, ExpertReadError
 from flashmoe.models.loader import load_resident
-from flashmoe.runtime.packed import DIRNAME, write_packed
-from flashmoe.runtime.safetensors_index import CheckpointIndex
+from flashmoe.checkpoints.packed import DIRNAME, write_packed
+from flashmoe.checkpoints.safetensors_index import CheckpointIndex
 from tests.reference import flashmoe_greedy, mlx_lm_greedy
 
 PROMPT = [5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150]
@@ -18,7 +18,7 @@ PROMPT = [5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150]
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    from flashmoe.synth.tiny import build_tiny
+    from tests.fixtures.tiny import build_tiny
 
     path = build_tiny(tmp_path_factory.mktemp("levers") / "ckpt", "qwen3_5_moe")
     ref = mlx_lm_greedy(path, PROMPT, 12)
@@ -74,9 +74,9 @@ async def test_stale_or_missing_pack_is_refused(packed, tmp_path):
     with pytest.raises(CheckpointError, match="changed since it was packed"):
         await flashmoe_greedy(stale, PROMPT, 1)
     shutil.rmtree(stale / DIRNAME)
-    with pytest.raises(CheckpointError, match="run `python -m flashmoe task=pack"):
+    with pytest.raises(CheckpointError, match="pack the checkpoint first"):
         await flashmoe_greedy(stale, PROMPT, 1, layout="packed")
-    with pytest.raises(ConfigError, match="io.verify=true needs the packed layout"):
+    with pytest.raises(ConfigError, match="io_verify=true needs the packed layout"):
         await flashmoe_greedy(stale, PROMPT, 1, io_verify=True)
 
 

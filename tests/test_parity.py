@@ -51,7 +51,7 @@ async def test_parity_lowered_k(tiny, tmp_path, family, k):
 
 async def test_prompt_union_far_larger_than_slot_pool(tiny):
     """A 20-token prompt routes to all 16 experts; the pool holds 4: chunks must stay exact."""
-    from flashmoe.runtime.safetensors_index import CheckpointIndex
+    from flashmoe.checkpoints.safetensors_index import CheckpointIndex
 
     path = tiny("qwen3_5_moe")
     index = CheckpointIndex.open(path)

@@ -18,6 +18,7 @@ class ExpertComputeStage:
     def __init__(self, worker: MlxWorker, family: Family, pools: dict[int, SlotPool],
                  quant: dict[int, Quant]) -> None:
         self.worker, self.family, self.pools, self.quant = worker, family, pools, quant
+        self.same_shapes = worker.device == "gpu"
 
     def whole(self, att: Attended, routed: Routed, fetched: Fetched,
               activation: Callable) -> Callable[[], mx.array]:
@@ -35,15 +36,36 @@ class ExpertComputeStage:
 
     async def partial(self, att: Attended, routed: Routed, fetched: Fetched, y: mx.array | None,
                       activation: Callable, stats: StepStats) -> mx.array:
-        """One chunk of a union larger than the slots: fill the (token, k) rows it covers."""
+        """One chunk of a union larger than the slots: fill the (token, k) rows it covers.
+
+        With `same_shapes` (GPU backends) every chunk runs the whole layer's gather shape, as
+        mlx-lm's one SwitchGLU call does, and keeps the rows it covers: there the kernel (and
+        so the rounding) is chosen by the call's shape, and only the same shape is bit-exact.
+        The CPU kernels give each row the same bits whatever the shape: only covered rows run."""
         t0 = time.perf_counter()
         flat = routed.inds.reshape(-1)
-        pairs = np.flatnonzero(np.isin(flat, list(fetched.grant.slots)))
-        slots = _slot_ids(flat[pairs], fetched.grant.slots)
-        y = await self.worker.run(self._partial, att, routed, pairs, slots, y, activation)
+        covered = np.isin(flat, list(fetched.grant.slots))
+        if self.same_shapes:
+            filler = next(iter(fetched.grant.slots))  # uncovered pairs read any loaded slot
+            slots = _slot_ids(np.where(covered, flat, filler), fetched.grant.slots)
+            y = await self.worker.run(self._partial_same_shape, att, routed, covered,
+                                      slots.reshape(routed.inds.shape), y, activation)
+        else:
+            pairs = np.flatnonzero(covered)
+            slots = _slot_ids(flat[pairs], fetched.grant.slots)
+            y = await self.worker.run(self._partial, att, routed, pairs, slots, y, activation)
         self.pools[att.layer].release(fetched.grant)
         stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
         return y
+
+    def _partial_same_shape(self, att, routed, covered: np.ndarray, slots: np.ndarray, y,
+                            activation):
+        w = self.pools[att.layer].store.weights()
+        out = gather_experts(att.xn, mx.array(slots), w, self.quant[att.layer], activation)
+        out = out.reshape(-1, out.shape[-1])  # [T*k, D]
+        if y is None:
+            y = mx.zeros_like(out)
+        return mx.where(mx.array(covered)[:, None], out, y)
 
     def _partial(self, att, routed, pairs: np.ndarray, slots: np.ndarray, y, activation):
         k = routed.inds.shape[-1]

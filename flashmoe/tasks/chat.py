@@ -25,7 +25,7 @@ HELP = ("chat: type a message and press Enter (end a line with \\ to continue it
 
 async def chat(cfg: DictConfig, engine: Engine, sampler: Sampler, log: Any) -> dict:
     """The read-answer loop; returns the run summary when the person leaves."""
-    session = ChatSession(engine, cfg.system, max_context(engine))
+    session = ChatSession(engine, cfg.system, max_context(engine), sampler, engine.totals)
     stop = list(engine.tokenizer.eos_token_ids or ())
     _enable_line_editing()
     print(f"flashmoe {HELP}", file=sys.stderr)
@@ -33,14 +33,14 @@ async def chat(cfg: DictConfig, engine: Engine, sampler: Sampler, log: Any) -> d
     keys = CtrlC()
     previous = signal.signal(signal.SIGINT, keys)
     try:
-        await _loop(cfg, session, sampler, stop, keys, log)
+        await _loop(cfg, session, stop, keys, log)
     finally:
         signal.signal(signal.SIGINT, previous)
     return run_summary(cfg, engine, engine.totals, "ok")
 
 
-async def _loop(cfg: DictConfig, session: ChatSession, sampler: Sampler, stop: list[int],
-                keys: "CtrlC", log: Any) -> None:
+async def _loop(cfg: DictConfig, session: ChatSession, stop: list[int], keys: CtrlC,
+                log: Any) -> None:
     while (line := read_message(keys)) is not None:
         command = line.strip()
         if command in ("/quit", "/exit", "/bye"):
@@ -59,7 +59,7 @@ async def _loop(cfg: DictConfig, session: ChatSession, sampler: Sampler, stop: l
         except ConfigError as e:
             print(f"flashmoe: {e}", file=sys.stderr)
             continue
-        turn = await _answer(session, plan, cfg.max_tokens, sampler, stop, keys, log)
+        turn = await _answer(session, plan, cfg.max_tokens, stop, keys, log)
         log.info("chat_turn_finished", prompt_token_ids=plan.ids, prompt_tokens=turn.prompt_tokens,
                  generated_tokens=len(turn.token_ids), stopped=turn.stopped,
                  fresh_cache=turn.fresh, ttft_s=round(turn.prefill_s, 4),
@@ -67,11 +67,11 @@ async def _loop(cfg: DictConfig, session: ChatSession, sampler: Sampler, stop: l
         print(_turn_line(turn, cfg.max_tokens), file=sys.stderr)
 
 
-async def _answer(session: ChatSession, plan: TurnPlan, max_tokens: int, sampler: Sampler,
-                  stop: list[int], keys: "CtrlC", log: Any) -> Turn:
+async def _answer(session: ChatSession, plan: TurnPlan, max_tokens: int, stop: list[int],
+                  keys: CtrlC, log: Any) -> Turn:
     """Stream one answer to stdout; Ctrl-C sets a flag the loop reads between tokens (a step
     stopped halfway through the layers would leave the cache inconsistent)."""
-    detok = session.engine.tokenizer.detokenizer
+    detok = session.model.tokenizer.detokenizer
     detok.reset()
     start = 0 if plan.fresh else session.position
 
@@ -82,7 +82,7 @@ async def _answer(session: ChatSession, plan: TurnPlan, max_tokens: int, sampler
         sys.stdout.write(detok.last_segment)
         sys.stdout.flush()
 
-    turn = await session.reply(plan, max_tokens, sampler, stop, on_token, keys.pressed.is_set)
+    turn = await session.reply(plan, max_tokens, stop, on_token, keys.pressed.is_set)
     detok.finalize()
     sys.stdout.write(detok.last_segment + "\n")
     sys.stdout.flush()

@@ -7,7 +7,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from flashmoe.errors import ConfigError
-from flashmoe.tools.smollm2 import convert_smollm2
+from flashmoe.checkpoints.convert.smollm2 import convert_smollm2
 
 
 async def run(cfg: DictConfig, log: Any, state: dict) -> dict:

@@ -9,8 +9,8 @@ from omegaconf import DictConfig
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from flashmoe.models.loader import load_resident
-from flashmoe.runtime.packed import DIRNAME, align_up, write_packed
-from flashmoe.runtime.safetensors_index import CheckpointIndex
+from flashmoe.checkpoints.packed import DIRNAME, align_up, write_packed
+from flashmoe.checkpoints.safetensors_index import CheckpointIndex
 from flashmoe.tasks.common import checkpoint_path
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from flashmoe.tasks.common import checkpoint_path
-from flashmoe.tools.requant import requant
+from flashmoe.checkpoints.requant import requant
 
 
 async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
