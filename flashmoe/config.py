@@ -138,7 +138,9 @@ class Config:
     cache: CacheConfig = MISSING
     sampling: SamplingConfig = MISSING
     task: TaskConfig = MISSING
-    prompt: str = DEFAULT_PROMPT
+    prompt: Optional[str] = None  # None: standard input when piped, else DEFAULT_PROMPT (or chat)
+    prompt_file: Optional[str] = None  # read the prompt from this UTF-8 file
+    system: Optional[str] = None  # system message; applies the chat template
     max_tokens: int = 64
     chat: bool = False
     data: Optional[str] = None
