@@ -6,12 +6,14 @@ import importlib
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from flashmoe.config import validate
+from flashmoe.config_errors import hydra_failure_message
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.dist import DistError, ExpertParallel
 from flashmoe.hardware import detect_machine, picked_line, resolve_hardware
@@ -42,7 +44,11 @@ def main(cfg: DictConfig) -> int:
     par = _launched_rank(cfg)
     rank = par.rank if par else 0
     log_file = "flashmoe.jsonl" if rank == 0 else f"flashmoe.rank{rank}.jsonl"
-    log = setup_logging(run_dir, level="debug" if cfg.debug else "info", log_file=log_file)
+    try:
+        log = setup_logging(run_dir, level="debug" if cfg.debug else "info", log_file=log_file)
+    except OSError as e:  # run_dir=/read-only/place: nowhere to log to
+        print(f"flashmoe: {hydra_failure_message(e)}", file=sys.stderr)
+        return EXIT_ERROR
     if par is not None:
         _bind_rank(par)
     if machine is not None:  # printed with the summary line (an error's one line stays one)
@@ -70,13 +76,13 @@ def main(cfg: DictConfig) -> int:
         print(f"flashmoe: {who}{e}", file=sys.stderr)
         log.error("run_failed", error=str(e), error_type=type(e).__name__)
         if cfg.debug:
-            raise
+            traceback.print_exc()
     except Exception as e:  # a bug of ours: still one line, the traceback in the log
         print(f"flashmoe: internal error ({type(e).__name__}: {e}); the traceback is in "
               f"{run_dir}/flashmoe.jsonl, or run with debug=true", file=sys.stderr)
         log.error("run_failed", error=str(e), error_type=type(e).__name__, exc_info=True)
         if cfg.debug:
-            raise
+            traceback.print_exc()
     finally:
         signal.signal(signal.SIGTERM, previous)
         if summary is None:
