@@ -9,8 +9,6 @@ import json
 import os
 import sys
 
-import numpy as np
-
 from flashmoe.engine import Engine, EngineOptions
 from flashmoe.runtime.dist import ExpertParallel
 

@@ -115,8 +115,9 @@ def setup_logging(
     run_id: Optional[str] = None,
     log_file: str = LOG_FILE,
 ) -> structlog.stdlib.BoundLogger:
-    """Log to `run_dir/<log_file>` (flashmoe.jsonl; one JSON object per line) and, from
-    console_level up, to stderr. Safe to call again: the previous file is closed and events follow the new one.
+    """Log to `run_dir/flashmoe.jsonl` (one JSON object per line; `log_file` names another
+    file, e.g. a rank's own) and, from console_level up, to stderr. Safe to call again: the
+    previous file is closed and events follow the new one.
 
     Binds run_id (default: "<date>/<time>" from the run dir) in contextvars; bind more with
     structlog.contextvars.bind_contextvars(layer=..., token=...).
