@@ -172,3 +172,33 @@ def test_a_silent_rank_times_out_and_mismatch_is_refused(tiny, tmp_path):
         lines = [x for x in error_lines(err) if x.startswith("flashmoe:")]
         assert rc == 1 and len(lines) == 1, err[-2000:]
         assert f"rank {1 - r} runs a different task config" in lines[0]
+
+
+@pytest.mark.slow
+def test_mlx_launch_generate_writes_text_once_and_logs_every_rank(tiny, tmp_path):
+    """`mlx.launch -n 2 --backend ring -- python -m flashmoe`: the text of one process on
+    stdout (rank 0 only), each rank's own JSONL with `rank` in every event, and rank 0's
+    summary with every rank's I/O."""
+    path = tiny("qwen3_moe")
+    args = ["-m", "flashmoe", f"model.path={path}", "hardware=linux_cpu", "prompt=hello",
+            "max_tokens=6", "cache.policy=none"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    one = subprocess.run([sys.executable, *args, f"run_dir={tmp_path / 'one'}"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    port = int(json.loads(hostfile(tmp_path).read_text())[0][0].split(":")[1])
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    two = subprocess.run([str(launcher), "-n", "2", "--backend", "ring", "--starting-port",
+                          str(port), "--", sys.executable, *args, "dist.backend=ring",
+                          f"run_dir={tmp_path / 'two'}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and one.stdout.strip()
+    logs = [tmp_path / "two" / n for n in ("flashmoe.jsonl", "flashmoe.rank1.jsonl")]
+    for r, log in enumerate(logs):
+        evs = [json.loads(x) for x in log.read_text().splitlines()]
+        assert evs and all(e["rank"] == r and e["world_size"] == 2 for e in evs)
+    summary = [json.loads(x) for x in logs[0].read_text().splitlines()][-1]
+    per_rank = summary["expert_gb_per_token_per_rank"]
+    assert len(per_rank) == 2 and all(v > 0 for v in per_rank)
+    assert summary["expert_gb_per_token"] == pytest.approx(sum(per_rank), rel=1e-3)
+    assert summary["allreduce_ms_per_token"] > 0
