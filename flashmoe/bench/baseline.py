@@ -25,6 +25,11 @@ def run_baseline(path: Path, prompt: list[int], tokens: int, dtype: str | None, 
            dtype or "none", json.dumps(prompt), str(k)]
     cgroup, limit = cgroups.make(f"flashmoe-baseline-{os.getpid()}", limit_gb) if limit_gb \
         else (None, "none")
+    if limit_gb and cgroup is None:  # unlimited, it would swap or be killed: do not run it
+        return {"status": "refused", "limit": limit,
+                "error": f"the checkpoint is larger than hardware.memory_gb={limit_gb} and this "
+                         f"machine has no memory cgroup to hold mlx-lm to it ({limit}); the "
+                         "mlx-lm baseline was not run"}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                              preexec_fn=(lambda: cgroups.join(cgroup)) if cgroup else None)

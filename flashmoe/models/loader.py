@@ -10,7 +10,8 @@ from mlx.utils import tree_map
 
 from flashmoe.errors import CheckpointError
 from flashmoe.models import Family, family_for
-from flashmoe.runtime.expert_store import PROJS, LayerExperts, layer_experts
+from flashmoe.models.layout import switch_experts
+from flashmoe.runtime.expert_store import LayerExperts
 from flashmoe.checkpoints.safetensors_index import CheckpointIndex
 from flashmoe.checkpoints.validate import check_moe_config, check_quantized, checked_classes
 
@@ -30,7 +31,7 @@ class Resident:
     model: nn.Module
     config: dict
     family: Family
-    experts: dict[int, LayerExperts]  # MoE layer index -> its stacked expert tensors
+    experts: dict[int, LayerExperts]  # MoE layer index -> its expert tensors on disk
     num_experts: int
     experts_per_token: int
 
@@ -68,12 +69,8 @@ def load_resident(path: Path, index: CheckpointIndex, dtype: mx.Dtype | None = N
         if block is None:
             continue
         glu = block.switch_mlp
-        quant = tuple((p, int(getattr(glu[p], "bits", 0)), int(getattr(glu[p], "group_size", 0)),
-                       str(getattr(glu[p], "mode", "affine"))) for p in PROJS)
-        if any(b == 0 for _, b, _, _ in quant):
-            raise CheckpointError(f"{path}: layer {i}'s experts are not quantized; flashmoe "
-                                  "streams quantized experts (convert with mlx_lm.convert -q)")
-        experts[i] = layer_experts(index.tensors, family.expert_prefix(model, i), i, quant)
+        experts[i] = switch_experts(index.tensors, family.expert_prefix(model, i), glu, i,
+                                    str(path))
         block.switch_mlp = StreamedExperts(glu.activation)
     if dtype is not None and dtype == mx.float32:  # f32 activations: widen params once, not per call
         widen_to_f32(model)
