@@ -15,6 +15,7 @@ LAYOUTS = {
     "qwen3_5_moe:bare model.layers": ("qwen3_5_moe", prefix("language_model.", "")),
     "mixtral:per-expert w1/w2/w3": ("mixtral", unstack(MIXTRAL_NAMES)),
     "qwen2_moe:per-expert": ("qwen2_moe", unstack()),
+    "deepseek_v3:per-expert": ("deepseek_v3", unstack()),
 }
 
 

@@ -84,7 +84,8 @@ class Model:
         index = await asyncio.to_thread(CheckpointIndex.open, path)
         worker = MlxWorker(options.device)
         try:
-            resident = await worker.build(load_resident, path, index, options.mx_dtype)
+            resident = await worker.build(load_resident, path, index, options.mx_dtype, True,
+                                          options.experts_per_token)
             engine = cls(path, options, worker, index, resident)
         except BaseException:
             worker.close()
