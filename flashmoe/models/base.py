@@ -17,6 +17,7 @@ class Family:
 
     model_types: tuple[str, ...] = ()
     proxy = False  # True: mlx-lm's own forward with proxied experts (MlxLmFamily)
+    batchable = True  # the batched decode step walks layers through this adapter
     moe_attr = "mlp"  # attribute of a decoder layer holding the sparse MoE block
 
     # ---- structure -------------------------------------------------------------------
@@ -117,6 +118,7 @@ class MlxLmFamily(Family):
     layers through the hand-written adapters above."""
 
     proxy = True
+    batchable = False  # one sequence per step (stages/proxy_step.py); see README's table
 
     def __init__(self, model_types: tuple[str, ...], experts_key: str = "num_experts",
                  k_key: str = "num_experts_per_tok") -> None:
