@@ -53,3 +53,13 @@ def _experts(path) -> int:
 
     cfg = json.loads((path / "config.json").read_text())
     return family_for(cfg).num_experts(cfg)
+
+
+async def test_family_k_override_is_the_routers_own(tiny, tmp_path):
+    """model.experts_per_token reaches the block's own router (deepseek_v3 keeps top_k in its
+    gate): flashmoe with k=2 equals mlx-lm on a copy whose config says 2."""
+    from tests.conftest import with_k
+
+    path = tiny("deepseek_v3")
+    ref = mlx_lm_greedy(with_k(path, tmp_path / "k2", 2), PROMPTS[20], STEPS)
+    assert_same(ref, await flashmoe_greedy(path, PROMPTS[20], STEPS, experts_per_token=2))

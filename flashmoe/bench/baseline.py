@@ -47,6 +47,15 @@ def run_baseline(path: Path, prompt: list[int], tokens: int, dtype: str | None, 
     return result
 
 
+def _with_k(path: str, k: int) -> dict:
+    """mlx-lm config overrides that build every router for k experts per token (a block's
+    attribute alone misses routers that keep their own copy, e.g. deepseek_v3's gate.top_k)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if "text_config" in cfg:
+        return {"text_config": {**cfg["text_config"], "num_experts_per_tok": k}}
+    return {"num_experts_per_tok": k}
+
+
 def _child(path: str, tokens: int, dtype: str, prompt: list[int], k: int) -> dict:
     import mlx.core as mx
     from mlx_lm import load
@@ -54,7 +63,7 @@ def _child(path: str, tokens: int, dtype: str, prompt: list[int], k: int) -> dic
 
     from flashmoe.models.loader import widen_to_f32
 
-    model, _ = load(path)
+    model, _ = load(path, model_config=_with_k(path, k))  # routers built for k
     if dtype == "float32":  # same activation dtype as flashmoe: upcast bf16/f16 params
         widen_to_f32(model)
     for layer in model.layers:  # the same experts per token as the engine
