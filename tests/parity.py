@@ -107,8 +107,10 @@ def assert_exact(ref: Trace, got: Trace) -> None:
 
 
 def _gap(a: np.ndarray, b: np.ndarray) -> str:
-    with np.errstate(invalid="ignore"):
-        return f"{np.nanmax(np.abs(a - b)):.3g}" + (" (NaN)" if np.isnan(b).any() else "")
+    gap = np.abs(a - b)
+    if np.isnan(gap).all():
+        return "NaN everywhere"
+    return f"{np.nanmax(gap):.3g}" + (" (and NaN)" if np.isnan(gap).any() else "")
 
 
 def expert_nbytes(path: Path) -> int:
