@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test fuzz bench clean
+.PHONY: run test fuzz mutate bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(VENV)/.installed  ## the whole test suite (~3 min on 2 cores)
 fuzz: $(VENV)/.installed  ## the long fuzzing target (100k+ inputs), not part of `make test`
 	$(BIN)/pip install -q -e ".[test,fuzz]"
 	$(BIN)/python -m pytest -q -m fuzz tests/ $(ARGS)
+
+mutate: $(VENV)/.installed  ## 500 injected faults against the parity checks (~15 min); score in QUALITY.md
+	$(BIN)/python -m pytest -q -s -m mutate tests/test_mutation.py $(ARGS)
 
 bench: $(VENV)/.installed  ## io.split sweep on the demo, then the table
 	$(BIN)/python -m flashmoe -m task=bench io.split=1,2,4,8 $(ARGS)

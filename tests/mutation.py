@@ -43,9 +43,17 @@ class Outcome:
     tokens_changed: bool  # would a tokens-only check have seen it (first check's run)
 
 
-def layers_of(path: Path) -> int:
+def _text_config(path: Path) -> dict:
     config = json.loads((path / "config.json").read_text())
-    return int(config.get("text_config", config)["num_hidden_layers"])
+    return config.get("text_config", config)
+
+
+def layers_of(path: Path) -> int:
+    return int(_text_config(path)["num_hidden_layers"])
+
+
+def k_of(path: Path) -> int:
+    return int(_text_config(path)["num_experts_per_tok"])
 
 
 def sample(n: int, seed: int, layers: dict[str, int]) -> list[tuple[str, Fault]]:
