@@ -6,7 +6,7 @@ tests that show a check can fail. `layer=None` / `step=None` fire everywhere, ev
 Kinds: wrong_expert (one routed (token, k) pair computed with another slot's expert),
 early_release (a layer's slots released before the evaluation that reads them),
 stale_slot (a miss served from the slot's old bytes), split_offset (one piece of a split read
-written at a wrong offset), byte_flip (one bit of one fetched expert flipped),
+written at a wrong offset), byte_flip (one byte of one fetched expert inverted),
 prefetch_unawaited (the next layer reads slots whose prefetch reads are still in flight),
 eval_unawaited (MlxWorker.run starts an evaluation and returns before it completes, so slots
 are released while it still reads them: the CPU analogue of a device still reading a slot).
@@ -191,7 +191,7 @@ def _fetch_then_flip(inj: Injector, orig):
             slot = inj.rng.choice(misses or sorted(fetched.grant.slots.values()))
             arrays = list(pool.store.weights().values())
             raw = slot_bytes(inj.rng.choice(arrays), pool.n)[slot]
-            raw[inj.rng.randrange(raw.size)] ^= np.uint8(1 << inj.rng.randrange(8))
+            raw[inj.rng.randrange(raw.size)] ^= np.uint8(0xFF)
         return fetched
     return fetch
 

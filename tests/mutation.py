@@ -6,6 +6,12 @@ Each fault is tried against the CHECKS in turn, stopping at the first that depar
 mlx-lm: the suite's configurations with the most hostile slot pools (tests/hostile.py).
 A fault that fires in no check (its layer/step never read or computed anything it can touch)
 is not a fault of this run: it is resampled and counted apart.
+
+Where faults go: every (layer, forward) but one cell, the DEAD ZONE: the last layer during
+generate's prompt pass (forward 1). There, every row but the last position's is computed and
+thrown away (by mlx-lm too): nothing any API returns depends on it, so most faults there are
+invisible by construction. That cell is sampled on its own (`dead_zone=True`) and reported
+apart, not hidden.
 """
 from __future__ import annotations
 
@@ -56,15 +62,19 @@ def k_of(path: Path) -> int:
     return int(_text_config(path)["num_experts_per_tok"])
 
 
-def sample(n: int, seed: int, layers: dict[str, int]) -> list[tuple[str, Fault]]:
-    """Stratified: kinds × families round robin, layer and step uniform."""
+def sample(n: int, seed: int, layers: dict[str, int],
+           dead_zone: bool = False) -> list[tuple[str, Fault]]:
+    """Stratified: kinds × families round robin; (layer, forward) uniform over the live cells
+    (or over the dead zone only)."""
     rng = random.Random(seed)
     cells = [(kind, fam) for kind in KINDS for fam in layers]
     out = []
     for i in range(n):
         kind, fam = cells[i % len(cells)]
-        out.append((fam, Fault(kind, rng.randrange(layers[fam]), rng.randrange(FORWARDS),
-                               rng.randrange(2**31))))
+        where = [(layer, step) for layer in range(layers[fam]) for step in range(FORWARDS)
+                 if ((layer, step) == (layers[fam] - 1, 1)) == dead_zone]
+        layer, step = rng.choice(where)
+        out.append((fam, Fault(kind, layer, step, rng.randrange(2**31))))
     return out
 
 
@@ -105,8 +115,10 @@ async def run_fault(family: str, path: Path, k: int, ref: Trace, fault: Fault) -
 
 
 async def mutation_score(paths: dict[str, Path], refs: dict[str, Trace], ks: dict[str, int],
-                         n: int, seed: int = 0) -> list[Outcome]:
-    """`n` fired faults (resampling those that never fire), each run against CHECKS."""
+                         n: int, seed: int = 0, log: Callable[[str], Any] | None = None,
+                         dead_zone: bool = False) -> list[Outcome]:
+    """`n` fired faults (resampling those that never fire), each run against CHECKS;
+    `log` gets a progress line every 25 faults."""
     for fam, path in paths.items():  # the checks themselves must be exact without faults
         for check in CHECKS:
             got, error, _ = await run_check(path, ks[fam], check, None)
@@ -115,8 +127,11 @@ async def mutation_score(paths: dict[str, Path], refs: dict[str, Trace], ks: dic
     outcomes, attempt = [], 0
     while len([o for o in outcomes if o.fired]) < n:
         need = n - len([o for o in outcomes if o.fired])
-        for fam, fault in sample(need, seed + attempt, layers):
+        for fam, fault in sample(need, seed + attempt, layers, dead_zone):
             outcomes.append(await run_fault(fam, paths[fam], ks[fam], refs[fam], fault))
+            if log is not None and len(outcomes) % 25 == 0:
+                log(f"{len(outcomes)} faults run, {sum(bool(o.caught_by) for o in outcomes)} "
+                    f"caught, {sum(not o.fired for o in outcomes)} did not fire")
         attempt += 1
     return outcomes
 

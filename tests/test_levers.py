@@ -17,14 +17,13 @@ from tests.parity import assert_exact, budget_for, flashmoe_trace, mlx_lm_trace
 
 PROMPT = [5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150]
 STEPS = 12
-WIDE = {"hidden_size": 256, "moe_intermediate_size": 1024}  # 128 KiB weight parts: split cuts
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory):
-    from flashmoe.synth.tiny import build_tiny
-
-    path = build_tiny(tmp_path_factory.mktemp("levers") / "ckpt", "qwen3_5_moe", overrides=WIDE)
+def packed(tmp_path_factory, wide):
+    """A copy of the wide qwen3_5_moe fixture (128 KiB weight parts) with its packed layout."""
+    path = tmp_path_factory.mktemp("levers") / "ckpt"
+    shutil.copytree(wide("qwen3_5_moe"), path)
     ref = mlx_lm_trace(path, PROMPT, STEPS)
     res = load_resident(path, CheckpointIndex.open(path), evaluate=False)
     write_packed(res.experts, path / DIRNAME)

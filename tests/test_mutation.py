@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,13 @@ async def test_mutation_sample_every_kind_and_family(subjects):
 
 @pytest.mark.mutate
 async def test_mutation_score(subjects):
-    """`make mutate`: FLASHMOE_MUTATE_N faults (500), at least 99 % caught; report in runs/."""
+    """`make mutate`: FLASHMOE_MUTATE_N faults (500), at least 99 % caught; report in runs/,
+    with a tenth as many placed in the dead zone (tests/mutation.py), reported apart."""
     n = int(os.environ.get("FLASHMOE_MUTATE_N", "500"))
-    rep = report(await mutation_score(*subjects, n=n, seed=0))
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 - make mutate is -s
+    rep = report(await mutation_score(*subjects, n=n, seed=0, log=log))
+    dead = report(await mutation_score(*subjects, n=n // 10, seed=0, log=log, dead_zone=True))
+    rep["dead_zone"] = {k: dead[k] for k in ("faults", "caught", "score", "by_kind")}
     rep["date"] = datetime.datetime.now().isoformat(timespec="seconds")
     out = REPO / "runs" / "mutation" / f"{rep['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
