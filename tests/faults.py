@@ -58,6 +58,7 @@ class Injector:
     armed: Any = None  # wrong_expert: the grant whose slot lookup gets one wrong entry
     skip: set = field(default_factory=set)  # early_release: grants already released
     orphans: list = field(default_factory=list)  # prefetch_unawaited: reads left running
+    what: str = ""  # byte_flip: where the byte was, for reports
     rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
@@ -189,9 +190,11 @@ def _fetch_then_flip(inj: Injector, orig):
             pool = self.pools[layer]
             misses = [s for _, s in fetched.grant.misses]
             slot = inj.rng.choice(misses or sorted(fetched.grant.slots.values()))
-            arrays = list(pool.store.weights().values())
-            raw = slot_bytes(inj.rng.choice(arrays), pool.n)[slot]
-            raw[inj.rng.randrange(raw.size)] ^= np.uint8(0xFF)
+            key, arr = inj.rng.choice(list(pool.store.weights().items()))
+            raw = slot_bytes(arr, pool.n)[slot]
+            i = inj.rng.randrange(raw.size)
+            raw[i] ^= np.uint8(0xFF)
+            inj.what = f"layer {layer} slot {slot} {key} byte {i} of {raw.size}"
         return fetched
     return fetch
 
