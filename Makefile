@@ -18,14 +18,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed  ## build (once) and run the embedded demo model
 	$(BIN)/python -m flashmoe $(ARGS)
 
-test: $(VENV)/.installed  ## the whole test suite (~3 min on 2 cores)
+test: $(VENV)/.installed  ## the whole test suite (~4.5 min on 2 shared cores)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 fuzz: $(VENV)/.installed  ## the long fuzzing target (100k+ inputs), not part of `make test`
 	$(BIN)/pip install -q -e ".[test,fuzz]"
 	$(BIN)/python -m pytest -q -m fuzz tests/ $(ARGS)
 
-mutate: $(VENV)/.installed  ## 500 injected faults against the parity checks (~15 min); score in QUALITY.md
+mutate: $(VENV)/.installed  ## 500 injected faults against the parity checks (~6 min); score in QUALITY.md
 	$(BIN)/python -m pytest -q -s -m mutate tests/test_mutation.py $(ARGS)
 
 bench: $(VENV)/.installed  ## io.split sweep on the demo, then the table

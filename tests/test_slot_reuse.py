@@ -24,13 +24,14 @@ POOLS = {  # name -> (options, slots as a multiple of K or None)
 
 
 async def hostile_run(path, family: str, pool: str, seed: int, fault: Fault | None = None,
-                      steps: int = STEPS):
-    """One full trace under the hostile reader and poisoned releases (and `fault`, if any)."""
+                      steps: int = STEPS, scribble: bool = True):
+    """One full trace under the hostile reader and poisoned releases (and `fault`, if any).
+    scribble=False: a rewrite lands only after the delay, the old bytes stay meanwhile."""
     opts, slots = POOLS[pool]
     opts = dict(opts, io_threads=4)
     if slots is not None:
         opts["cache_budget_gb"] = budget_for(path, slots * K[family])
-    reader = SlowReader(seed=seed, max_ms=1.0)
+    reader = SlowReader(seed=seed, max_ms=1.0, scribble=scribble)
     with inject(fault or Fault("none")) as inj:
         def setup(engine):
             inj.attach(engine)
@@ -51,6 +52,16 @@ async def test_slot_reuse_under_slow_jittery_reads_is_exact(tiny, reference, fam
     assert error is None, error
     assert all(s.experts_fetched > 0 for s in engine.totals.steps)  # every step rewrites slots
     assert engine.totals.steps[0].chunks > 0  # the prompt's union went through the pool in chunks
+    assert first_difference(reference(path, PROMPT, STEPS), got) is None
+
+
+@pytest.mark.parametrize("family", sorted(K))
+@pytest.mark.parametrize("pool", ["lru-K", "prefetch-lru-2K"])
+async def test_delayed_rewrites_stay_exact(tiny, reference, family, pool):
+    """A delay between a slot's release and its rewrite (old bytes kept meanwhile)."""
+    path = tiny(family)
+    (got, _), error, _ = await hostile_run(path, family, pool, seed=11, scribble=False)
+    assert error is None, error
     assert first_difference(reference(path, PROMPT, STEPS), got) is None
 
 
