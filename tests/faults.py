@@ -1,6 +1,6 @@
 """Single faults injected at run time (class-level monkeypatches; nothing in the repo changes),
-each at one layer and one step (one forward: step 0 is `engine.logits(prompt)`, step 1 the
-prompt pass of `generate`, then one per decoded token), for the mutation score and for
+each at one layer and one step (one `Pipeline.forward`, counted from 0 per engine; see
+tests/mutation.py for what each forward is), for the mutation score and for
 tests that show a check can fail. `layer=None` / `step=None` fire everywhere, every time.
 
 Kinds: wrong_expert (one routed (token, k) pair computed with another slot's expert),

@@ -8,10 +8,11 @@ A fault that fires in no check (its layer/step never read or computed anything i
 is not a fault of this run: it is resampled and counted apart.
 
 Where faults go: every (layer, forward) but one cell, the DEAD ZONE: the last layer during
-generate's prompt pass (forward 1). There, every row but the last position's is computed and
-thrown away (by mlx-lm too): nothing any API returns depends on it, so most faults there are
-invisible by construction. That cell is sampled on its own (`dead_zone=True`) and reported
-apart, not hidden.
+generate's prefill (forward 1). Its experts are fetched but their output is never evaluated
+(the prefill, like mlx-lm's, evaluates only the caches, and the last layer's output feeds no
+cache): nothing any API returns depends on it, so a fault there shows only if it outlives the
+step (bytes left in a cached slot). That cell is sampled on its own (`dead_zone=True`) and
+reported apart, not hidden.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from tests.parity import Trace, budget_for, first_difference, flashmoe_trace
 
 FAMILIES = ("qwen3_5_moe", "qwen3_moe", "qwen3_next", "mixtral", "qwen2_moe")
 PROMPT = [5, 99, 310, 42, 7, 256, 11, 300]
-STEPS = 8  # tokens: forwards 0 (engine.logits), 1 (generate's prompt pass), 2..8 (decode)
-FORWARDS = STEPS + 1
+STEPS = 8  # tokens. Forwards: 0 engine.logits(prompt); generate's 1 prefill (all prompt tokens
+FORWARDS = STEPS + 2  # but the last), 2 the last prompt token, 3..9 one per decoded token
 
 # (name, options, slots as a multiple of K or None, hostile setup); tried in this order
 CHECKS: list[tuple[str, dict, int | None, Callable | None]] = [

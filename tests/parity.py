@@ -35,28 +35,24 @@ class Trace:
 
 
 def mlx_lm_trace(path: Path, prompt: Sequence[int], n: int, upcast: bool = False) -> Trace:
-    """mlx-lm resident, step by step with its prompt cache: the whole prompt in one call
-    (as flashmoe runs it), then one token per call; greedy on logits - logsumexp (mlx-lm's
-    generate_step rule, in the model's dtype). upcast: bf16 params widened to f32 first
-    (what flashmoe's hardware.dtype=float32 does)."""
+    """mlx-lm resident: the prompt's logits in one call (as `engine.logits` runs it), and
+    mlx-lm's own `generate_step`, greedy, yielding each step's log-probabilities (prefill of
+    all tokens but the last, then one token per call). upcast: bf16 params widened to f32
+    first (what flashmoe's hardware.dtype=float32 does)."""
     from mlx.utils import tree_map
     from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.generate import generate_step
 
     model, _ = load(str(path))
     if upcast:
         model.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype == mx.bfloat16 else p,
                               model.parameters()))
-    cache = make_prompt_cache(model)
-    logits = model(mx.array([list(prompt)]), cache=cache)[0]  # [L, V]
-    prompt_logits, last = np.array(logits.astype(mx.float32)), logits[-1]
+    prompt_logits = np.array(model(mx.array([list(prompt)]))[0].astype(mx.float32))  # [L, V]
     tokens, steps = [], []
-    for i in range(n):
-        logprobs = last - mx.logsumexp(last, keepdims=True)
-        steps.append(np.array(logprobs.astype(mx.float32)))
-        tokens.append(int(mx.argmax(logprobs)))
-        if i + 1 < n:
-            last = model(mx.array([[tokens[-1]]]), cache=cache)[0, -1]
+    for tok, logprobs in generate_step(mx.array(list(prompt)), model, max_tokens=n,
+                                       sampler=lambda lp: mx.argmax(lp, axis=-1)):
+        tokens.append(int(tok))
+        steps.append(np.array(logprobs.astype(mx.float32)).reshape(-1))
     return Trace(prompt_logits, tokens, steps)
 
 
