@@ -8,22 +8,30 @@ wrong logits instead of hiding behind fast page-cache reads.
 - poison_on_release: the moment a slot is released and forgotten (cache.policy=none, or a
   failed read), its bytes become NaN/0xFF, the earliest rewrite the engine must tolerate.
   A slot released before the evaluation that reads it is then caught every time.
+- slow_prefetch: speculative reads take `SlowReader.prefetch_ms` longer than the others, so
+  a prefetch that is not waited for is still in flight when its slots are read.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fcntl
 import os
 import random
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
+from unittest import mock
 
 import numpy as np
 
 from flashmoe.runtime.io_pool import PAGE
+from flashmoe.stages.prefetch import Prefetcher
 
 SCRIBBLE = 0xA5
 POISON = 0xFF  # f32/bf16 scales of all-ones bytes are NaN
+PREFETCHING = contextvars.ContextVar("PREFETCHING", default=False)  # read for a prefetch?
 
 
 @dataclass
@@ -34,6 +42,7 @@ class SlowReader:
     max_ms: float = 2.0
     scribble: bool = True
     short: bool = True
+    prefetch_ms: float = 0.0  # added to each read a prefetch issues (under slow_prefetch)
     calls: int = 0
     sizes: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -48,6 +57,8 @@ class SlowReader:
             self.sizes.append(buf.nbytes)
             delay = self._rng.uniform(0, self.max_ms) / 1e3
             cut = self._rng.random() < 0.25 if self.short else False
+        if PREFETCHING.get():
+            delay += self.prefetch_ms / 1e3
         if self.scribble:
             buf[:] = SCRIBBLE
         time.sleep(delay)
@@ -82,3 +93,16 @@ def poison_slot(pool, slot: int) -> None:
 def slot_bytes(arr, n: int) -> np.ndarray:
     """A writable [n, bytes] uint8 view of a slot array (zero-copy, as the engine reads)."""
     return np.frombuffer(memoryview(arr).cast("B"), dtype=np.uint8).reshape(n, -1)
+
+
+@contextlib.contextmanager
+def slow_prefetch() -> Iterator[None]:
+    """Mark the reads a prefetch task issues (the pool's threads run in the task's context)."""
+    orig = Prefetcher._read
+
+    async def marked(self, *args, **kwargs):
+        PREFETCHING.set(True)  # in the prefetch task's own context only
+        return await orig(self, *args, **kwargs)
+
+    with mock.patch.object(Prefetcher, "_read", marked):
+        yield

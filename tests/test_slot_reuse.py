@@ -1,5 +1,5 @@
 """Slot reuse under concurrency: tiny pools rewritten every step while reads take real time
-(a jittered, scribbling, short-reading reader) and the shared expert evaluates asynchronously,
+(a jittered, scribbling, short-reading reader; prefetch reads 20 ms slower) and the shared expert evaluates asynchronously,
 with released slots poisoned at once (tests/hostile.py). Every prompt position and decode
 step must stay bit-identical to mlx-lm; and the same checks must catch, every time, the
 timing bugs they exist for (a slot released before its evaluation, a prefetch not waited for,
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.faults import Fault, inject
-from tests.hostile import SlowReader, poison_on_release
+from tests.hostile import SlowReader, poison_on_release, slow_prefetch
 from tests.parity import budget_for, first_difference, flashmoe_trace
 
 PROMPT = [5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150, 9, 480, 33, 120, 8, 200, 61, 3]
@@ -28,11 +28,11 @@ async def hostile_run(path, family: str, pool: str, seed: int, fault: Fault | No
     """One full trace under the hostile reader and poisoned releases (and `fault`, if any).
     scribble=False: a rewrite lands only after the delay, the old bytes stay meanwhile."""
     opts, slots = POOLS[pool]
-    opts = dict(opts, io_threads=4)
+    opts = dict(opts, io_threads=64)  # no read queues behind another: all overlap
     if slots is not None:
         opts["cache_budget_gb"] = budget_for(path, slots * K[family])
-    reader = SlowReader(seed=seed, max_ms=1.0, scribble=scribble)
-    with inject(fault or Fault("none")) as inj:
+    reader = SlowReader(seed=seed, max_ms=1.0, scribble=scribble, prefetch_ms=20.0)
+    with inject(fault or Fault("none")) as inj, slow_prefetch():
         def setup(engine):
             inj.attach(engine)
             poison_on_release(engine)
