@@ -73,8 +73,8 @@ def install_check() -> None:
     """After each fetch: bytes a GPU kernel reads from each missed slot == the file's bytes."""
     orig = ExpertFetchStage.__call__
 
-    async def checked(self, layer, experts, stats):
-        fetched = await orig(self, layer, experts, stats)
+    async def checked(self, layer, experts, stats, *args, **kwargs):
+        fetched = await orig(self, layer, experts, stats, *args, **kwargs)
         pool = self.pools[layer]
         for e, s in fetched.grant.misses:
             for part, rng in zip(self.store.layers[layer].parts, self.store.ranges(layer, e)):
@@ -115,7 +115,7 @@ async def run(path: Path, **opts):
 
 def fixtures(root: Path) -> list[tuple[str, Path]]:
     from flashmoe.synth.shaped import build_shaped
-    from flashmoe.synth.tiny import build_tiny
+    from tests.fixtures.tiny import build_tiny
 
     out = []
     only = os.environ.get("DIAG_ONLY", "qwen3_5_moe,qwen3_next,qwen3_moe,mixtral,qwen2_moe,shaped")
@@ -157,7 +157,8 @@ async def main() -> int:
                                                 io_threads=8, **opts)
                 d = float(np.abs(logits - ref_logits).max())
                 first = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), None)
-                rows.append(f"{name} K={k} {sname}: tokens {'equal' if toks == ref_toks else f'DIFFER at {first}'}"
+                same = "equal" if toks == ref_toks else f"DIFFER at {first}"
+                rows.append(f"{name} K={k} {sname}: tokens {same}"
                             f"; repeat equal {toks2 == toks}; max prompt-logit diff {d:.3g}"
                             f"; slot check failures {len(BAD)} {BAD[:2]}")
                 print(rows[-1], flush=True)
@@ -166,11 +167,12 @@ async def main() -> int:
 
 
 def _expert_bytes(path: Path) -> int:
-    from flashmoe.runtime.safetensors_index import CheckpointIndex
+    from flashmoe.checkpoints.safetensors_index import CheckpointIndex
 
     index = CheckpointIndex.open(path)
     cfg = __import__("json").loads((path / "config.json").read_text())
-    n = (cfg.get("text_config") or cfg).get("num_experts") or (cfg.get("text_config") or cfg).get("num_local_experts")
+    text = cfg.get("text_config") or cfg
+    n = text.get("num_experts") or text.get("num_local_experts")
     per_layer = sum(t.nbytes for name, t in index.tensors.items()
                     if ".layers.0." in name and (".switch_mlp." in name or ".experts." in name))
     return per_layer // n

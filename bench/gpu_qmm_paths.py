@@ -134,9 +134,13 @@ def overflow_check() -> None:
     mx.eval(big)
     x = mx.random.normal((1, 12, 1, 1, d)).astype(mx.bfloat16)
     for rows in (1, 12):
-        outs = {i: np.array(mx.gather_qmm(x[:, :rows], *big, rhs_indices=mx.array([[[i]] * rows], dtype=mx.uint32).reshape(1, rows, 1),
-                                          transpose=True, group_size=gs, bits=4).astype(mx.float32))
-                for i in at}
+        def out(i: int, rows: int = rows) -> np.ndarray:
+            idx = mx.full((1, rows, 1), i, dtype=mx.uint32)
+            y = mx.gather_qmm(x[:, :rows], *big, rhs_indices=idx, transpose=True,
+                              group_size=gs, bits=4)
+            return np.array(y.astype(mx.float32))
+
+        outs = {i: out(i) for i in at}
         same = {i: bool(np.array_equal(outs[i], outs[at[0]])) for i in at}
         print(f"stack of {e} experts ({e * q.nbytes / 2**30:.1f} GiB weights), rows={rows}: "
               f"output equal to index {at[0]}'s at index: {same}", flush=True)

@@ -7,9 +7,10 @@ import hydra
 from omegaconf import DictConfig
 
 from flashmoe.cli import precheck
+from flashmoe.conf_dir import conf_dir
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def _job(cfg: DictConfig) -> None:
     from flashmoe.app import main
 
@@ -18,9 +19,22 @@ def _job(cfg: DictConfig) -> None:
         sys.exit(code)
 
 
+def _require_mlx_backend() -> None:
+    """On Linux the `mlx` package needs a backend package (mlx-cpu or mlx-cuda-*) for libmlx."""
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError as e:
+        print(f"flashmoe: MLX cannot load its backend library ({e}); install the build for this "
+              "machine: pip install \"mlx[cpu]==0.32.4\" (CPU) or pip install "
+              "\"mlx[cuda13]==0.32.4\" (NVIDIA GPU); in a checkout `make run` picks one (README)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     try:
         precheck(sys.argv[1:])
+        _require_mlx_backend()
         _job()
     except KeyboardInterrupt:  # Ctrl-C before a run started (a started run handles its own)
         print("flashmoe: interrupted before the run started", file=sys.stderr)

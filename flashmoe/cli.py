@@ -7,7 +7,7 @@ from typing import Sequence
 
 from flashmoe.config import compose_config, validate
 from flashmoe.errors import ConfigError
-from flashmoe.runtime.hardware import resolve_hardware
+from flashmoe.hardware import resolve_hardware
 
 MAX_COMBINATIONS = 64
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flashmoe.synth.tiny import build_tiny
+from tests.fixtures.tiny import build_tiny
 from tests.parity import Trace, mlx_lm_trace
 
 REF_STEPS = 32  # the reference decodes this many tokens once; tests take a prefix
@@ -63,3 +63,12 @@ def with_k(src: Path, dst: Path, k: int) -> Path:
     (cfg.get("text_config", cfg))["num_experts_per_tok"] = k
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
+
+
+START_LINE = "flashmoe: MLX "  # app.start_line: backend and device, first line of a started run
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr lines after the start line that every run printing past validation begins with."""
+    lines = stderr.strip().splitlines()
+    return lines[1:] if lines and lines[0].startswith(START_LINE) else lines

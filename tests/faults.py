@@ -122,8 +122,8 @@ def _slot_ids(inj: Injector, orig):
 
 # ---- early_release ---------------------------------------------------------------------------
 def _fetch_then_release(inj: Injector, orig):
-    async def fetch(self, layer, experts, stats):
-        fetched = await orig(self, layer, experts, stats)
+    async def fetch(self, layer, experts, stats, **kwargs):
+        fetched = await orig(self, layer, experts, stats, **kwargs)
         if inj.applies(layer):
             inj.fired += 1
             self.pools[layer].release(fetched.grant)  # before anything read the slots
@@ -183,8 +183,8 @@ def _split(inj: Injector, orig):
 
 # ---- byte_flip ---------------------------------------------------------------------------------
 def _fetch_then_flip(inj: Injector, orig):
-    async def fetch(self, layer, experts, stats):
-        fetched = await orig(self, layer, experts, stats)
+    async def fetch(self, layer, experts, stats, **kwargs):
+        fetched = await orig(self, layer, experts, stats, **kwargs)
         if inj.applies(layer):
             inj.fired += 1
             pool = self.pools[layer]

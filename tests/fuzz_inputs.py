@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from flashmoe.runtime.safetensors_index import DTYPE_BYTES
+from flashmoe.checkpoints.safetensors_index import DTYPE_BYTES
 
 # ---- inputs -------------------------------------------------------------------------------
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(),

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from flashmoe.engine import Engine, EngineOptions
-from flashmoe.runtime.safetensors_index import CheckpointIndex
+from flashmoe.checkpoints.safetensors_index import CheckpointIndex
 
 GIB = 2**30
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flashmoe.errors import CheckpointError
-from flashmoe.runtime.safetensors_index import (DTYPE_BYTES, parse_config, parse_header,
+from flashmoe.checkpoints.safetensors_index import (DTYPE_BYTES, parse_config, parse_header,
                                                 parse_weight_map, read_header)
 from tests.fuzz_inputs import (configs, corrupted_files, files, headers, mutated, valid_files,
                                weight_maps)
@@ -170,7 +170,7 @@ def atheris_main(runs: int, workdir: str) -> None:
     """libFuzzer over the same readers; the first input byte picks the reader."""
     import atheris
 
-    from flashmoe.runtime import safetensors_index as si
+    from flashmoe.checkpoints import safetensors_index as si
 
     for fn in (si.parse_header, si._tensor_info, si._check_layout, si.json_object,
                si.parse_config, si.parse_weight_map):

@@ -52,12 +52,12 @@ def settings(expert: int, k: int) -> dict[str, dict]:
             "lru_all": {"cache_budget_gb": 4.0}}
 
 
-def check(ref, got) -> None:
+def check(ref, got, setting: str) -> None:
     toks, logits, again = got
     assert np.array_equal(logits, ref[1], equal_nan=True), \
-        f"prompt logits differ by up to {np.nanmax(np.abs(logits - ref[1])):.3g}"
-    assert toks == ref[0]
-    assert again == ref[0], "a second pass over a warm cache decoded another stream"
+        f"{setting}: prompt logits differ by up to {np.nanmax(np.abs(logits - ref[1])):.3g}"
+    assert toks == ref[0], setting
+    assert again == ref[0], f"{setting}: a second pass over a warm cache decoded another stream"
 
 
 @pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_next", "qwen3_moe", "mixtral",
@@ -68,7 +68,7 @@ async def test_gpu_parity_tiny(tiny, family):
     assert not np.isnan(ref[1][-1]).any(), "mlx-lm itself gives NaN logits on this GPU"
     expert, k = expert_nbytes(path)
     for name, opts in settings(expert, k).items():
-        check(ref, await streamed(path, **opts))
+        check(ref, await streamed(path, **opts), name)
 
 
 @pytest.mark.parametrize("k", [4, 10])
@@ -80,4 +80,4 @@ async def test_gpu_parity_shaped(tmp_path_factory, k):
     ref = reference(with_k(path, root / f"k{k}", k))
     expert, _ = expert_nbytes(path)
     for name, opts in settings(expert, k).items():
-        check(ref, await streamed(path, experts_per_token=k, **opts))
+        check(ref, await streamed(path, experts_per_token=k, **opts), name)

@@ -10,8 +10,8 @@ import pytest
 
 from flashmoe.errors import CheckpointError, ConfigError, ExpertReadError
 from flashmoe.models.loader import load_resident
-from flashmoe.runtime.packed import DIRNAME, write_packed
-from flashmoe.runtime.safetensors_index import CheckpointIndex
+from flashmoe.checkpoints.packed import DIRNAME, write_packed
+from flashmoe.checkpoints.safetensors_index import CheckpointIndex
 from tests.hostile import SlowReader
 from tests.parity import assert_exact, budget_for, flashmoe_trace, mlx_lm_trace
 
@@ -100,9 +100,9 @@ async def test_stale_or_missing_pack_is_refused(packed, tmp_path):
     with pytest.raises(CheckpointError, match="changed since it was packed"):
         await flashmoe_trace(stale, PROMPT, 1)
     shutil.rmtree(stale / DIRNAME)
-    with pytest.raises(CheckpointError, match="run `python -m flashmoe task=pack"):
+    with pytest.raises(CheckpointError, match="pack the checkpoint first"):
         await flashmoe_trace(stale, PROMPT, 1, layout="packed")
-    with pytest.raises(ConfigError, match="io.verify=true needs the packed layout"):
+    with pytest.raises(ConfigError, match="io_verify=true needs the packed layout"):
         await flashmoe_trace(stale, PROMPT, 1, io_verify=True)
 
 

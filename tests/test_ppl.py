@@ -155,7 +155,7 @@ async def test_reference_follows_the_engine_dtype(tmp_path, text_file):
     """bf16 weights, f32 activations (linux_cpu): mlx-lm must widen them as the engine does."""
     import mlx.core as mx
 
-    from flashmoe.synth.tiny import build_tiny
+    from tests.fixtures.tiny import build_tiny
 
     path = build_tiny(tmp_path / "bf16", "qwen3_5_moe", dtype=mx.bfloat16)
     got = await run_ppl(path, text_file, "task.reference=mlx_lm", "task.max_windows=2")

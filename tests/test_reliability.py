@@ -21,10 +21,11 @@ from typing import Callable
 
 import pytest
 
+from tests.conftest import error_lines
 from flashmoe.engine import Engine, EngineOptions
 from flashmoe.errors import CheckpointError
-from flashmoe.runtime.safetensors_index import CheckpointIndex
-from flashmoe.runtime.validate import validate_checkpoint
+from flashmoe.checkpoints.safetensors_index import CheckpointIndex
+from flashmoe.checkpoints.validate import validate_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD = "model.safetensors"
@@ -188,7 +189,7 @@ def test_validation_reads_headers_only(broken):
 
 
 def test_validate_checkpoint_names_file_tensor_and_expectation(tiny):
-    from flashmoe.runtime.validate import ParamSpec, index_params
+    from flashmoe.checkpoints.validate import ParamSpec, index_params
 
     index = CheckpointIndex.open(tiny("qwen3_moe"))
     have = index_params(index)
@@ -214,7 +215,7 @@ def serve_cli() -> None:
     The child is the real entry point (runpy of flashmoe/__main__.py, real argv, real fds 1/2);
     only the imports were done once, before the fork.
     """
-    import hydra, flashmoe.app, flashmoe.cli, flashmoe.tasks.generate  # noqa: F401 (warm up)
+    import hydra, flashmoe.app, flashmoe.cli, flashmoe.tasks.generate  # noqa: E401, F401 (warm up)
 
     cases, running, codes = json.load(sys.stdin), {}, {}
     for i, case in enumerate(cases + [None] * 2):  # two at a time: the machine has two cores
@@ -319,7 +320,7 @@ def assert_one_clear_line(result: tuple[int, str, str], needles: tuple[str, ...]
     code, stdout, stderr = result
     assert code not in (0, 99), (code, stderr)
     assert "Traceback" not in stdout + stderr and stdout == "", stdout + stderr
-    lines = stderr.strip().splitlines()
+    lines = error_lines(stderr)
     assert len(lines) == 1 and lines[0].startswith("flashmoe: "), lines
     for needle in needles:
         assert needle in lines[0], lines[0]

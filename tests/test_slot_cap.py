@@ -1,7 +1,7 @@
 """Slot arrays stay under the 2 GiB that MLX CUDA's gather_qmm can address: pools split."""
 from __future__ import annotations
 
-import flashmoe.engine as engine_mod
+import flashmoe.engine.model as engine_mod
 from tests.reference import expert_nbytes, flashmoe_greedy, mlx_lm_greedy
 
 PROMPT = [5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150]

@@ -1,6 +1,7 @@
 """Slot reuse under concurrency: tiny pools rewritten every step while reads take real time
-(a jittered, scribbling, short-reading reader; prefetch reads 20 ms slower) and the shared expert evaluates asynchronously,
-with released slots poisoned at once (tests/hostile.py). Every prompt position and decode
+(a jittered, scribbling, short-reading reader; a prefetch's reads 20 ms slower) and the
+shared expert evaluates asynchronously, with released slots poisoned at once
+(tests/hostile.py). Every prompt position and decode
 step must stay bit-identical to mlx-lm; and the same checks must catch, every time, the
 timing bugs they exist for (a slot released before its evaluation, a prefetch not waited for,
 an evaluation still running when its slots are released, injected with tests/faults.py)."""

@@ -11,8 +11,8 @@ from mlx.utils import tree_map
 from flashmoe.errors import CheckpointError
 from flashmoe.models import Family, family_for
 from flashmoe.runtime.expert_store import PROJS, LayerExperts, layer_experts
-from flashmoe.runtime.safetensors_index import CheckpointIndex
-from flashmoe.runtime.validate import check_moe_config, check_quantized, checked_classes
+from flashmoe.checkpoints.safetensors_index import CheckpointIndex
+from flashmoe.checkpoints.validate import check_moe_config, check_quantized, checked_classes
 
 
 class StreamedExperts(nn.Module):
@@ -33,6 +33,13 @@ class Resident:
     experts: dict[int, LayerExperts]  # MoE layer index -> its stacked expert tensors
     num_experts: int
     experts_per_token: int
+
+
+def widen_to_f32(model: nn.Module) -> None:
+    """Upcast every bf16/f16 parameter to f32 (exact), as f32 activations need; the one place
+    the engine, the mlx-lm baseline and the ppl reference all do it."""
+    model.update(tree_map(lambda p: p.astype(mx.float32)
+                          if p.dtype in (mx.bfloat16, mx.float16) else p, model.parameters()))
 
 
 def load_resident(path: Path, index: CheckpointIndex, dtype: mx.Dtype | None = None,
@@ -68,9 +75,8 @@ def load_resident(path: Path, index: CheckpointIndex, dtype: mx.Dtype | None = N
                                   "streams quantized experts (convert with mlx_lm.convert -q)")
         experts[i] = layer_experts(index.tensors, family.expert_prefix(model, i), i, quant)
         block.switch_mlp = StreamedExperts(glu.activation)
-    if dtype is not None and dtype == mx.float32:  # f32 activations: widen bf16/f16 params once, not per call
-        model.update(tree_map(lambda p: p.astype(mx.float32)
-                              if p.dtype in (mx.bfloat16, mx.float16) else p, model.parameters()))
+    if dtype is not None and dtype == mx.float32:  # f32 activations: widen params once, not per call
+        widen_to_f32(model)
     if evaluate:  # task=pack only needs where the experts live, not the resident weights
         mx.eval(model.parameters())
     return Resident(model, config, family, experts, family.num_experts(config),

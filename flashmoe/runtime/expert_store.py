@@ -11,8 +11,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from flashmoe.errors import CheckpointError, ConfigError
-from flashmoe.runtime.safetensors_index import TensorInfo
+from flashmoe.errors import CheckpointError, OptionError
+from flashmoe.checkpoints.safetensors_index import TensorInfo
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 FIELDS = ("weight", "scales", "biases")
@@ -103,9 +103,9 @@ def _open_direct(path: Path) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECT)
     except OSError as e:
-        raise ConfigError(f"io.direct=true but {path} cannot be opened with O_DIRECT "
+        raise OptionError("io_direct", "true", f"but {path} cannot be opened with O_DIRECT "
                           f"({e.strerror}); this filesystem does not support direct I/O, "
-                          "use io.direct=false") from None
+                          "turn direct reads off") from None
 
 
 def layer_experts(tensors: dict[str, TensorInfo], prefix: str, layer: int,

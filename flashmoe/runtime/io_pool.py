@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import structlog
 
-from flashmoe.errors import ConfigError, ExpertReadError
+from flashmoe.errors import ExpertReadError
 
 PAGE = 4096
 MIN_CHUNK = 64 * 1024
@@ -81,11 +81,7 @@ class IOPool:
 
     def __init__(self, threads: int, split: int, retries: int = 3,
                  reader: Reader | None = None, on_retry: Callable[..., None] | None = None) -> None:
-        # the API bypasses the config's checks: the same words, so callers see one message
-        for key, value, lo, hi in (("io.threads", threads, 1, 256), ("io.split", split, 1, 64),
-                                   ("io.retries", retries, 0, 100)):
-            if not (isinstance(value, int) and lo <= value <= hi):
-                raise ConfigError(f"{key}={value} must be between {lo} and {hi}")
+        # threads, split and retries were range-checked with the engine's options
         self.threads, self.split, self.retries = threads, split, retries
         self._reader = reader or os.preadv
         self._on_retry = on_retry
@@ -148,7 +144,7 @@ class IOPool:
         if e.errno not in RETRYABLE or failures > self.retries:
             raise ExpertReadError(
                 f"reading {job.what} ({left} bytes at offset {off}) failed: {reason} after "
-                f"{failures} attempt(s) (io.retries={self.retries}); the disk or file is faulty; "
+                f"{failures} attempt(s) ({self.retries} retries allowed); the disk or file is faulty; "
                 "no token was computed from partial bytes") from None
         self._log.info("expert_read_retried", what=str(job.what), offset=off, errno=e.errno,
                        error=reason, attempt=failures)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import asyncio
 
+from flashmoe.stages.observer import ReadObserver
 from flashmoe.errors import ExpertReadError
 from flashmoe.runtime.direct import Copy, DirectBounce, copy_all
 from flashmoe.runtime.expert_store import ExpertStore
 from flashmoe.runtime.io_pool import PAGE, IOPool, ReadJob, ReadLabel
-from flashmoe.runtime.packed import expert_hash
+from flashmoe.checkpoints.packed import expert_hash
 from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
 from flashmoe.stages.messages import Fetched, StepStats
 
@@ -16,8 +17,6 @@ class ExpertFetchStage:
     def __init__(self, store: ExpertStore, pools: dict[int, SlotPool], io: IOPool,
                  verify: bool = False) -> None:
         self.store, self.pools, self.io, self.verify = store, pools, io, verify
-        self.trace: list[list[tuple[int, int, int]]] | None = None  # bench: what was read
-        self.skip_reads = False  # bench only: time compute alone (slots hold stale bytes)
         self._bounce: dict[int, DirectBounce] = {}
 
     def plan(self, layer: int, experts: tuple[int, ...]) -> list[list[int]]:
@@ -30,22 +29,24 @@ class ExpertFetchStage:
         order = cached + [e for e in experts if not pool.cached(layer, e)]
         return [order[i:i + room] for i in range(0, len(order), room)]
 
-    async def __call__(self, layer: int, experts: list[int], stats: StepStats) -> Fetched:
+    async def __call__(self, layer: int, experts: list[int], stats: StepStats,
+                       observer: ReadObserver | None = None, read: bool = True) -> Fetched:
+        """read=False: bench's compute-alone run; the slots keep stale bytes."""
         pool = self.pools[layer]
         grant = pool.grant(layer, experts)
         jobs, copies = self._jobs(layer, pool, grant)
-        if self.trace is not None and jobs:
-            self.trace.append([(j.fd, j.offset, j.dest.nbytes) for j in jobs])
+        if observer is not None and jobs:
+            observer.expert_reads(layer, [(j.fd, j.offset, j.dest.nbytes) for j in jobs])
         try:
-            nbytes, ms = await self.io.read([] if self.skip_reads else jobs)
-            if copies and not self.skip_reads:
+            nbytes, ms = await self.io.read(jobs if read else [])
+            if copies and read:
                 await asyncio.to_thread(copy_all, copies)
-            if self.verify and not self.skip_reads:
+            if self.verify and read:
                 self._check(layer, pool, grant)
         except BaseException:
             pool.release(grant, valid=False)  # never leave half-read bytes marked cached
             raise
-        if not self.skip_reads:
+        if read:
             for _, s in grant.misses:
                 pool.store.finish(s)
         stats.expert_fetch_ms += ms
