@@ -66,7 +66,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)  ## build (once) and run the embedded demo model
 	$(BIN)/python -m flashmoe $(ARGS)
 
-test: $(STAMP)  ## lint (ruff, config in pyproject.toml), then the whole test suite (~5 min on 2 cores)
+test: $(STAMP)  ## lint (ruff, config in pyproject.toml), then the whole test suite (~5-8 min on 2 shared cores)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(ARGS)
 
