@@ -6,7 +6,8 @@ import pytest
 
 from tests.fixtures.tiny import FAMILIES
 from tests.reference import flashmoe_greedy, mlx_lm_greedy
-from tests.test_parity import PROMPTS, assert_same
+from tests.reference import assert_same
+from tests.test_parity import PROMPTS
 
 STEPS = 8
 NEW = [f for f in FAMILIES if f not in ("qwen3_5_moe", "qwen3_next", "qwen3_moe", "mixtral",

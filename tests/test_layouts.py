@@ -6,7 +6,8 @@ import pytest
 
 from tests.layouts import MIXTRAL_NAMES, prefix, rewrite, unstack
 from tests.reference import flashmoe_greedy, mlx_lm_greedy
-from tests.test_parity import PROMPTS, assert_same
+from tests.reference import assert_same
+from tests.test_parity import PROMPTS
 
 STEPS = 6
 LAYOUTS = {
