@@ -95,7 +95,7 @@ async def test_stale_or_missing_pack_is_refused(packed, tmp_path):
     shutil.copytree(path, stale)
     manifest = stale / DIRNAME / "manifest.json"
     m = json.loads(manifest.read_text())
-    m["source"] = {k: v + 1 for k, v in m["source"].items()}
+    m["source"] = {k: {**v, "size": v["size"] + 1} for k, v in m["source"].items()}
     manifest.write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match="changed since it was packed"):
         await flashmoe_trace(stale, PROMPT, 1)
@@ -111,3 +111,29 @@ def test_pack_refuses_to_overwrite(packed):
     res = load_resident(path, CheckpointIndex.open(path), evaluate=False)
     with pytest.raises(CheckpointError, match="already exists"):
         write_packed(res.experts, path / DIRNAME)
+
+
+async def test_pack_of_a_rewritten_same_size_source_is_refused(packed, tmp_path):
+    """A fixed revision re-uploaded with the same shapes: same size, same header, new bytes."""
+    import os
+
+    from tests.reference import flashmoe_greedy
+
+    path, _ = packed
+    stale = tmp_path / "rewritten"
+    shutil.copytree(path, stale)
+    want, _, _ = await flashmoe_greedy(path, PROMPT, 4, layout="original")
+    os.utime(stale / "model.safetensors")  # a copy without its mtime: same bytes, still used
+    toks, _, _ = await flashmoe_greedy(stale, PROMPT, 4, layout="packed")
+    assert toks == want
+    le = next(iter(load_resident(stale, CheckpointIndex.open(stale), evaluate=False)
+                   .experts.values()))
+    file, offset = le.locate(0, 0)  # the first sampled expert part: its first bytes flipped
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        head = f.read(16)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in head))
+    with pytest.raises(CheckpointError, match=r"model.safetensors changed since it was packed "
+                       r"\(same size and header, but its expert bytes differ"):
+        await flashmoe_greedy(stale, PROMPT, 1)

@@ -27,6 +27,7 @@ from flashmoe.stages.expert_compute import ExpertComputeStage
 from flashmoe.stages.expert_fetch import ExpertFetchStage
 from flashmoe.stages.messages import Attended, Fetched, Routed, StepStats
 from flashmoe.stages.prefetch import Prefetcher, guess_next
+from flashmoe.stages.proxy_step import ProxyStep
 from flashmoe.stages.router import RouterStage
 from flashmoe.stages.sampling import Sampler, SamplingStage
 
@@ -58,9 +59,11 @@ class Pipeline:
         self.attention = AttentionStage(fam)
         self.router = RouterStage(worker, fam, k)
         self.fetch = ExpertFetchStage(store, pools, io, verify)
-        self.compute = ExpertComputeStage(worker, fam, pools, quant)
+        self.compute = ExpertComputeStage(worker, fam, pools, quant, resident.proxies)
         self.sampling = SamplingStage(worker)
         self.prefetch, self.k = prefetch, k
+        # an MlxLmFamily runs mlx-lm's own forward with proxied experts (no prefetch there)
+        self.proxied = ProxyStep(self) if resident.proxies else None
 
     async def forward(self, ids: list[int], step: StepState,
                       all_logits: bool = False, head: bool = True) -> mx.array | None:
@@ -68,6 +71,8 @@ class Pipeline:
 
         head=False (a prefill step): only the caches are brought up to date, as mlx-lm's
         prefill evaluates only the cache states; the last layer's experts are not needed."""
+        if self.proxied is not None:
+            return await self.proxied.forward(ids, step, all_logits, head)
         fam, model = self.r.family, self.r.model
         x0 = await self.worker.build(self._embed, ids)
         masks = await self.worker.build(fam.masks, model, x0, step.cache)
