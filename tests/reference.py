@@ -53,3 +53,12 @@ def expert_nbytes(path: Path) -> tuple[int, int]:
     layer0 = sum(t.nbytes for name, t in CheckpointIndex.open(path).tensors.items()
                  if ".layers.0." in name and (".switch_mlp." in name or ".experts." in name))
     return layer0 // n, int(text["num_experts_per_tok"])
+
+
+def assert_same(ref, got) -> None:
+    """Greedy tokens identical and last-position logits within the parity tolerance."""
+    ref_toks, ref_last = ref
+    toks, last = got[0], got[1]
+    assert toks == ref_toks
+    rel = np.abs(last - ref_last).max() / np.abs(ref_last).max()
+    assert rel < 1e-3, f"last-position logits differ by {rel:.2e} relative"

@@ -25,6 +25,11 @@ def run_baseline(path: Path, prompt: list[int], tokens: int, dtype: str | None, 
            dtype or "none", json.dumps(prompt), str(k)]
     cgroup, limit = cgroups.make(f"flashmoe-baseline-{os.getpid()}", limit_gb) if limit_gb \
         else (None, "none")
+    if limit_gb and cgroup is None:  # unlimited, it would swap or be killed: do not run it
+        return {"status": "refused", "limit": limit,
+                "error": f"the checkpoint is larger than hardware.memory_gb={limit_gb} and this "
+                         f"machine has no memory cgroup to hold mlx-lm to it ({limit}); the "
+                         "mlx-lm baseline was not run"}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                              preexec_fn=(lambda: cgroups.join(cgroup)) if cgroup else None)
@@ -42,6 +47,15 @@ def run_baseline(path: Path, prompt: list[int], tokens: int, dtype: str | None, 
     return result
 
 
+def _with_k(path: str, k: int) -> dict:
+    """mlx-lm config overrides that build every router for k experts per token (a block's
+    attribute alone misses routers that keep their own copy, e.g. deepseek_v3's gate.top_k)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if "text_config" in cfg:
+        return {"text_config": {**cfg["text_config"], "num_experts_per_tok": k}}
+    return {"num_experts_per_tok": k}
+
+
 def _child(path: str, tokens: int, dtype: str, prompt: list[int], k: int) -> dict:
     import mlx.core as mx
     from mlx_lm import load
@@ -49,7 +63,7 @@ def _child(path: str, tokens: int, dtype: str, prompt: list[int], k: int) -> dic
 
     from flashmoe.models.loader import widen_to_f32
 
-    model, _ = load(path)
+    model, _ = load(path, model_config=_with_k(path, k))  # routers built for k
     if dtype == "float32":  # same activation dtype as flashmoe: upcast bf16/f16 params
         widen_to_f32(model)
     for layer in model.layers:  # the same experts per token as the engine

@@ -18,6 +18,8 @@ V1 = Path("/sys/fs/cgroup/memory")
 
 def make(name: str, limit_gb: float) -> tuple[Path | None, str]:
     """A fresh memory cgroup; (path, description) or (None, why not)."""
+    if not sys.platform.startswith("linux"):
+        return None, f"none (memory cgroups are Linux-only; this is {sys.platform})"
     limit = str(int(limit_gb * GIB))
     try:
         if (V2 / "cgroup.controllers").is_file():

@@ -1,16 +1,17 @@
 """What the disk can do: raw parallel preads over a recorded expert-read trace, no MLX.
 
-Also: dropping a file's cached pages (posix_fadvise DONTNEED) so a bench reads the disk.
+Also: dropping a file's cached pages (platform_io.evict) so a bench reads the disk.
 """
 from __future__ import annotations
 
 import mmap
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from flashmoe.runtime.platform_io import evict
 
 from flashmoe.runtime.fileio import pread_exact
 
@@ -27,14 +28,9 @@ class ProbeResult:
         return self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
 
 
-def drop_page_cache(files: Sequence[Path]) -> None:
-    """Evict the files' pages from the OS page cache (no root needed)."""
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+def drop_page_cache(files: Sequence[Path]) -> str:
+    """Evict the files' pages from the OS page cache (no root needed); returns the method."""
+    return evict(files)
 
 
 def probe(trace: Sequence[Batch], threads: int) -> ProbeResult:

@@ -3,8 +3,9 @@
     <checkpoint>/flashmoe-packed/manifest.json   offsets, sizes, xxh64 per expert
     <checkpoint>/flashmoe-packed/layer_007.bin   expert e at e * stride: its parts back to back
 
-The original safetensors stay the source of truth; the manifest records their sizes, so a
-re-downloaded checkpoint is noticed and the pack refused as stale.
+The original safetensors stay the source of truth; the manifest records what identifies their
+bytes (fingerprint.py), so a re-downloaded or rewritten checkpoint is noticed and the pack
+refused as stale.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import xxhash
 
+from flashmoe.checkpoints.fingerprint import check_fingerprints, fingerprints
 from flashmoe.errors import CheckpointError
 from flashmoe.runtime.expert_store import LayerExperts
 from flashmoe.runtime.fileio import pread_exact
@@ -39,11 +41,6 @@ def align_up(n: int, a: int) -> int:
     return -(-n // a) * a
 
 
-def source_sizes(layers: dict[int, LayerExperts]) -> dict[str, int]:
-    files = {t.file for le in layers.values() for t in le.tensors}
-    return {f.name: f.stat().st_size for f in sorted(files)}
-
-
 def expert_hash(views: list[np.ndarray]) -> str:
     h = xxhash.xxh64()
     for v in views:
@@ -63,7 +60,7 @@ def write_packed(layers: dict[int, LayerExperts], out: Path, align: int = 4096,
     with staged(out, needed=needed, hint="choose another folder with task.out=DIR", log=log,
                 check=refuse_existing) as tmp:
         entries = {str(i): _pack_layer(le, tmp, align, progress) for i, le in layers.items()}
-        manifest = {"format": FORMAT, "align": align, "source": source_sizes(layers),
+        manifest = {"format": FORMAT, "align": align, "source": fingerprints(layers),
                     "layers": entries}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out
@@ -80,9 +77,10 @@ def _pack_layer(le: LayerExperts, root: Path, align: int, progress: Callable | N
         with open(root / name, "wb") as out:
             for e in range(le.num_experts):
                 pos = 0
-                for part, t in zip(le.parts, le.tensors):
-                    pread_exact(fds[t.file], memoryview(blob[pos:pos + part.nbytes]),
-                                t.start + e * part.nbytes, str(t.file))
+                for i, part in enumerate(le.parts):
+                    file, offset = le.locate(i, e)
+                    pread_exact(fds[file], memoryview(blob[pos:pos + part.nbytes]), offset,
+                                str(file))
                     pos += part.nbytes
                 sums.append(xxhash.xxh64(memoryview(blob[:size])).hexdigest())
                 out.write(memoryview(blob))
@@ -106,9 +104,7 @@ def read_manifest(root: Path, layers: dict[int, LayerExperts]) -> dict[int, Pack
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {m.get('format') if isinstance(m, dict) else m!r} "
                               f"is not {FORMAT}; re-run task=pack")
-    if m.get("source") != source_sizes(layers):
-        raise CheckpointError(f"{path}: the checkpoint's safetensors changed since it was packed "
-                              "(file sizes differ); delete the folder and re-run task=pack")
+    check_fingerprints(m.get("source"), layers, path)
     entries = m.get("layers")
     if not isinstance(entries, dict) or set(entries) != {str(i) for i in layers}:
         raise CheckpointError(f"{path}: packs layers {sorted(entries) if isinstance(entries, dict) else '?'}"

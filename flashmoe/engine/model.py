@@ -27,6 +27,7 @@ from flashmoe.models.loader import Resident, load_resident
 from flashmoe.runtime.expert_store import ExpertStore
 from flashmoe.runtime.io_pool import IOPool
 from flashmoe.runtime.mlx_worker import MlxWorker
+from flashmoe.runtime.platform_io import metal_buffer_limit
 from flashmoe.checkpoints.safetensors_index import CheckpointIndex
 from flashmoe.runtime.slot_pool import SlotPool
 from flashmoe.stages.observer import ReadObserver
@@ -37,6 +38,13 @@ from flashmoe.stages.sampling import Sampler
 # byte offsets: an expert past 2 GiB of a slot array is read from the wrong place (measured on
 # the H200: bench/gpu_qmm_paths.py --overflow, RELIABILITY.md). No slot array is larger.
 MAX_SLOT_ARRAY_BYTES = 2**31
+
+
+def max_slot_array_bytes(device_info: Callable[[], dict] | None = None) -> int:
+    """The largest one slot array may be: 2 GiB, or less under Metal's max buffer length
+    (one Metal buffer per array; ~27 GB on a 48 GB M4 Pro, so rarely the binding one)."""
+    metal = metal_buffer_limit(device_info)
+    return min(MAX_SLOT_ARRAY_BYTES, metal) if metal else MAX_SLOT_ARRAY_BYTES
 
 T = TypeVar("T")
 
@@ -78,7 +86,8 @@ class Model:
         try:
             if options.parallel is not None:  # refuse mismatched ranks before loading anything
                 await options.parallel.agree(worker.run, start_digests(index, options))
-            resident = await worker.build(load_resident, path, index, options.mx_dtype)
+            resident = await worker.build(load_resident, path, index, options.mx_dtype, True,
+                                          options.experts_per_token)
             engine = cls(path, options, worker, index, resident)
         except BaseException:
             worker.close()
@@ -144,11 +153,12 @@ class Model:
         return len(par.share(self.num_experts)) if par is not None else self.num_experts
 
     def _slot_cap(self, spec) -> int:
-        """Most slots one pool may hold: each part's slot array stays within 2 GiB."""
+        """Most slots one pool may hold: each part's slot array stays within 2 GiB (and
+        Metal's buffer limit); larger budgets are split into pools (split_under_cap)."""
         widen = 2 if self.options.dtype == "float32" else 1  # bf16/f16 parts held as f32
         largest = max(p.nbytes * (widen if p.dtype in (mx.bfloat16, mx.float16) else 1)
                       for p in spec.parts)
-        return max(1, MAX_SLOT_ARRAY_BYTES // largest)
+        return max(1, max_slot_array_bytes() // largest)
 
     def unique_pools(self) -> list[SlotPool]:
         """Each pool once (layers with one expert layout share a pool)."""

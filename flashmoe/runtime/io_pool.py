@@ -17,9 +17,10 @@ from typing import Callable
 import numpy as np
 import structlog
 
+from flashmoe.runtime.platform_io import page_size
 from flashmoe.errors import ExpertReadError
 
-PAGE = 4096
+PAGE = page_size()  # split cuts and O_DIRECT alignment follow the OS page
 MIN_CHUNK = 64 * 1024
 Reader = Callable[[int, list, int], int]  # (fd, [buffer], offset) -> bytes read, like os.preadv
 RETRYABLE = (errno.EINTR, errno.EIO, errno.EAGAIN)

@@ -9,6 +9,7 @@ import numpy as np
 
 from flashmoe.kernels.moe import Quant, gather_experts, scatter_pairs
 from flashmoe.models import Family
+from flashmoe.models.proxy import ExpertProxy
 from flashmoe.runtime.mlx_worker import MlxWorker
 from flashmoe.runtime.slot_pool import SlotPool
 from flashmoe.stages.messages import Attended, Fetched, Routed, StepStats
@@ -16,8 +17,9 @@ from flashmoe.stages.messages import Attended, Fetched, Routed, StepStats
 
 class ExpertComputeStage:
     def __init__(self, worker: MlxWorker, family: Family, pools: dict[int, SlotPool],
-                 quant: dict[int, Quant]) -> None:
+                 quant: dict[int, Quant], proxies: dict[int, ExpertProxy] | None = None) -> None:
         self.worker, self.family, self.pools, self.quant = worker, family, pools, quant
+        self.proxies = proxies or {}  # MlxLmFamily: the layer's own switch module over slots
         self.same_shapes = worker.device == "gpu"
 
     def whole(self, att: Attended, routed: Routed, fetched: Fetched,
@@ -60,8 +62,7 @@ class ExpertComputeStage:
 
     def _partial_same_shape(self, att, routed, covered: np.ndarray, slots: np.ndarray, y,
                             activation):
-        w = self.pools[att.layer].store.weights()
-        out = gather_experts(att.xn, mx.array(slots), w, self.quant[att.layer], activation)
+        out = self._gather(att.layer, att.xn, mx.array(slots), activation)
         out = out.reshape(-1, out.shape[-1])  # [T*k, D]
         if y is None:
             y = mx.zeros_like(out)
@@ -70,9 +71,16 @@ class ExpertComputeStage:
     def _partial(self, att, routed, pairs: np.ndarray, slots: np.ndarray, y, activation):
         k = routed.inds.shape[-1]
         xs = att.xn.reshape(-1, att.xn.shape[-1])[mx.array(pairs // k)]  # [P, D]
-        w = self.pools[att.layer].store.weights()
-        out = gather_experts(xs, mx.array(slots)[:, None], w, self.quant[att.layer], activation)
+        out = self._gather(att.layer, xs, mx.array(slots)[:, None], activation)
         return scatter_pairs(y, routed.inds.size, mx.array(pairs), out[:, 0])  # [T*k, D]
+
+    def _gather(self, layer: int, x: mx.array, slots: mx.array, activation: Callable | None
+                ) -> mx.array:
+        """[..., D] x, [..., k] slots -> [..., k, D]: the family's switch, or SwitchGLU's math."""
+        if layer in self.proxies:
+            return self.proxies[layer].compute(x, slots)
+        w = self.pools[layer].store.weights()
+        return gather_experts(x, slots, w, self.quant[layer], activation)
 
     async def finish(self, att: Attended, routed: Routed, y: mx.array,
                      stats: StepStats) -> mx.array:

@@ -29,6 +29,7 @@ from flashmoe.stages.expert_fetch import ExpertFetchStage
 from flashmoe.stages.expert_parallel import ExpertParallelStage
 from flashmoe.stages.messages import Attended, Fetched, Routed, StepStats
 from flashmoe.stages.prefetch import Prefetcher, guess_next
+from flashmoe.stages.proxy_step import ProxyStep
 from flashmoe.stages.router import RouterStage
 from flashmoe.stages.sampling import Sampler, SamplingStage
 
@@ -60,9 +61,11 @@ class Pipeline:
         self.attention = AttentionStage(fam)
         self.router = RouterStage(worker, fam, k)
         self.fetch = ExpertFetchStage(store, pools, io, verify)
-        self.compute = ExpertComputeStage(worker, fam, pools, quant)
+        self.compute = ExpertComputeStage(worker, fam, pools, quant, resident.proxies)
         self.sampling = SamplingStage(worker)
         self.prefetch, self.k = prefetch and parallel is None, k
+        # an MlxLmFamily runs mlx-lm's own forward with proxied experts (no prefetch there)
+        self.proxied = ProxyStep(self) if resident.proxies else None
         # several ranks: each fetches and computes its share, one all_sum per MoE layer
         self.parallel = parallel and ExpertParallelStage(parallel, worker, self.fetch,
                                                          self.compute, resident.num_experts)
@@ -73,6 +76,8 @@ class Pipeline:
 
         head=False (a prefill step): only the caches are brought up to date, as mlx-lm's
         prefill evaluates only the cache states; the last layer's experts are not needed."""
+        if self.proxied is not None:
+            return await self.proxied.forward(ids, step, all_logits, head)
         fam, model = self.r.family, self.r.model
         x0 = await self.worker.build(self._embed, ids)
         masks = await self.worker.build(fam.masks, model, x0, step.cache)

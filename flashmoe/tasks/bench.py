@@ -13,6 +13,7 @@ from flashmoe.errors import FlashMoeError
 from flashmoe.engine import Engine, ReadTrace, Session
 from flashmoe.bench.baseline import run_baseline
 from flashmoe.bench.probe import drop_page_cache, probe
+from flashmoe.runtime.platform_io import cold_method
 from flashmoe.tasks.common import (STAGE_KEYS, SYNTHETIC_NOTE, open_engine, run_summary,
                                    token_figures, warn_device)
 from flashmoe.config import model_kind
@@ -53,6 +54,8 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     if t.baseline == "mlx_lm":
         extra.update(_baseline(baseline, extra))
     extra.update(bench_cold=t.cold, bench_tokens=t.tokens, repeats=t.repeats)
+    if t.cold:  # what "cold" meant on this platform
+        extra["cold_method"] = cold_method()
     if model_kind(cfg.model) in ("demo", "synth"):
         extra["note"] = SYNTHETIC_NOTE
     out = run_summary(cfg, engine, None, "ok")  # the summary figures are the medians above
