@@ -16,9 +16,9 @@ import pytest
 
 from flashmoe.engine import Engine, EngineOptions
 from tests.conftest import error_lines
+from tests.fixtures.tiny import FAMILIES  # every family, those proxied through mlx-lm too
 from tests.reference import expert_nbytes
 
-FAMILIES = ("qwen3_5_moe", "qwen3_next", "qwen3_moe", "mixtral", "qwen2_moe")
 PROMPT = [5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150, 9, 480, 33, 120, 8, 200, 61, 3]
 STEPS = 8
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,8 +85,9 @@ async def single(path: Path, **opts) -> dict:
 
 @pytest.mark.slow
 async def test_two_ranks_equal_one_process_on_every_family(tiny, tmp_path):
-    """Tokens and logits bit-identical on all five families; with cache policy none each
-    rank reads exactly its share; a union larger than a rank's slots runs in chunks."""
+    """Tokens and logits bit-identical on every family (the five native ones and those run
+    through mlx-lm's own forward); with cache policy none each rank reads exactly its share;
+    a union larger than a rank's slots runs in chunks."""
     paths = {f: tiny(f) for f in FAMILIES}
     nbytes, _ = expert_nbytes(paths["qwen3_5_moe"])
     small = {"cache_budget_gb": 2.5 * nbytes / 2**30}  # 2 slots per rank: chunks

@@ -33,6 +33,13 @@ class ExpertParallelStage:
     async def __call__(self, fetch: FetchFn, att: Attended, routed: Routed,
                        activation: Callable, stats: StepStats) -> mx.array:
         """The layer's output x [B, L, D] (evaluated), the same on every rank."""
+        y = await self.summed(fetch, att, routed, activation, stats)
+        return await self.compute.finish(att, routed, y, stats)
+
+    async def summed(self, fetch: FetchFn, att: Attended, routed: Routed,
+                     activation: Callable | None, stats: StepStats,
+                     dtype: mx.Dtype | None = None) -> mx.array:
+        """Every (token, k) pair's expert output y [B*L*k, D], each computed by its owner."""
         owned = tuple(e for e in routed.experts if e in self.share)
         y = None
         if owned:
@@ -43,15 +50,15 @@ class ExpertParallelStage:
                 fetched = await fetch(att.layer, chunk, stats)
                 y = await self.compute.partial(att, routed, fetched, y, activation, stats)
         t0 = time.perf_counter()
-        y = await self.parallel.all_sum(self.worker.run, partial(_or_zeros, y, att, routed),
-                                        f"layer {att.layer}'s all_sum")
+        zeros = partial(_or_zeros, y, att, routed, dtype or att.xn.dtype)
+        y = await self.parallel.all_sum(self.worker.run, zeros, f"layer {att.layer}'s all_sum")
         stats.extra["allreduce_ms"] = stats.extra.get("allreduce_ms", 0.0) + \
             (time.perf_counter() - t0) * 1e3
-        return await self.compute.finish(att, routed, y, stats)
+        return y
 
 
-def _or_zeros(y: mx.array | None, att: Attended, routed: Routed) -> mx.array:
+def _or_zeros(y: mx.array | None, att: Attended, routed: Routed, dtype: mx.Dtype) -> mx.array:
     """None of this layer's pairs is ours: we add zeros (built in the MLX thread)."""
     if y is not None:
         return y
-    return mx.zeros((routed.inds.size, att.xn.shape[-1]), dtype=att.xn.dtype)  # [T*k, D]
+    return mx.zeros((routed.inds.size, att.xn.shape[-1]), dtype=dtype)  # [T*k, D]
