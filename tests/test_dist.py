@@ -203,3 +203,20 @@ def test_mlx_launch_generate_writes_text_once_and_logs_every_rank(tiny, tmp_path
     assert len(per_rank) == 2 and all(v > 0 for v in per_rank)
     assert summary["expert_gb_per_token"] == pytest.approx(sum(per_rank), rel=1e-3)
     assert summary["allreduce_ms_per_token"] > 0
+
+
+@pytest.mark.slow
+def test_a_rank_that_never_connects_ends_the_run(tiny, tmp_path):
+    """Rank 0 alone (rank 1 never starts): refused after dist.connect_timeout_s, not a hang."""
+    path = tiny("qwen3_moe")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_HOSTFILE": str(hostfile(tmp_path)),
+           "MLX_RANK": "0"}
+    t0 = time.time()
+    run = subprocess.run([sys.executable, "-m", "flashmoe", f"model.path={path}",
+                          "hardware=linux_cpu", "prompt=hello", "dist.backend=ring",
+                          "dist.connect_timeout_s=2", f"run_dir={tmp_path / 'run'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode in (-9, 137) and time.time() - t0 < 30  # SIGKILLed by its watchdog
+    lines = [x for x in run.stderr.splitlines() if x.startswith("flashmoe:")]
+    assert len(lines) == 1 and "rank 0: could not connect to the other ranks within 2s" \
+        in lines[0], run.stderr[-2000:]

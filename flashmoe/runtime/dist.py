@@ -14,9 +14,12 @@ No transport of our own: MLX's ring (TCP), MPI, NCCL or JACCL backends, via mlx.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
-import threading
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
@@ -137,26 +140,26 @@ def digest(*parts: Any) -> bytes:
 
 
 def _bounded_init(backend: str, connect_s: float) -> Any:
-    """mx.distributed.init waits forever for a peer that never starts: bound it."""
-    box: list[Any] = []
-
-    def init() -> None:
-        try:
-            box.append(mx.distributed.init(strict=True, backend=backend))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            box.append(e)
-
+    """mx.distributed.init waits forever for a peer that never starts, holding the GIL (no
+    thread or signal handler of ours runs meanwhile): a watchdog process prints the line
+    and ends this one (SIGKILL, exit 137) unless init returns in time."""
+    msg = (f"flashmoe: rank {env_rank()}: could not connect to the other ranks within "
+           f"{connect_s:g}s (backend {backend}); a rank did not start or cannot be reached: "
+           "start every rank (mlx.launch does), check the hosts and ports, or raise "
+           "dist.connect_timeout_s")
+    sys.stderr.flush()
+    watchdog = subprocess.Popen(
+        ["/bin/sh", "-c", f'sleep {connect_s} 2>/dev/null; printf "%s\\n" "$1" >&2; '
+         f'kill -KILL {os.getpid()}', "watchdog", msg],  # sleep holds no pipe of ours
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
     t0 = time.perf_counter()
-    thread = threading.Thread(target=init, name="flashmoe-dist-init", daemon=True)
-    thread.start()
-    thread.join(connect_s)
-    if not box:
-        raise DistError(
-            f"rank {env_rank()}: could not connect to the other ranks within {connect_s:g}s "
-            f"(backend {backend}); a rank did not start or cannot be reached: start every rank "
-            "(mlx.launch does), check the hosts and ports, or raise dist.connect_timeout_s")
-    if isinstance(box[0], BaseException):
+    try:
+        return mx.distributed.init(strict=True, backend=backend)
+    except RuntimeError as e:
         raise DistError(f"rank {env_rank()}: mx.distributed.init(backend={backend}) failed "
-                        f"after {time.perf_counter() - t0:.1f}s ({box[0]}); check the launcher's "
-                        "hostfile and that this MLX build has that backend")
-    return box[0]
+                        f"after {time.perf_counter() - t0:.1f}s ({e}); check the launcher's "
+                        "hostfile and that this MLX build has that backend") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(watchdog.pid, signal.SIGKILL)  # the shell and its sleep
+        watchdog.wait()
