@@ -7,7 +7,7 @@ from flashmoe.stages.observer import ReadObserver
 from flashmoe.errors import ExpertReadError
 from flashmoe.runtime.direct import Copy, DirectBounce, copy_all
 from flashmoe.runtime.expert_store import ExpertStore
-from flashmoe.runtime.io_pool import PAGE, IOPool, ReadJob, ReadLabel
+from flashmoe.runtime.io_pool import PAGE, IOPool, ReadJob, ReadLabel, coalesce
 from flashmoe.checkpoints.packed import expert_hash
 from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
 from flashmoe.stages.messages import Fetched, StepStats
@@ -36,7 +36,7 @@ class ExpertFetchStage:
         grant = pool.grant(layer, experts)
         jobs, copies = self._jobs(layer, pool, grant)
         if observer is not None and jobs:
-            observer.expert_reads(layer, [(j.fd, j.offset, j.dest.nbytes) for j in jobs])
+            observer.expert_reads(layer, [(j.fd, j.offset, j.nbytes) for j in jobs])
         try:
             nbytes, ms = await self.io.read(jobs if read else [])
             if copies and read:
@@ -56,7 +56,7 @@ class ExpertFetchStage:
         return Fetched(layer, grant, nbytes, ms)
 
     def _jobs(self, layer: int, pool: SlotPool, grant: SlotGrant) -> tuple[list[ReadJob], list[Copy]]:
-        jobs, copies = [], []
+        jobs, plain, copies = [], [], []
         parts = self.store.layers[layer].parts
         bounce = self._bounce_for(pool, parts) if self.store.direct else None
         for e, s in grant.misses:
@@ -69,8 +69,8 @@ class ExpertFetchStage:
                     jobs.append(job)
                     copies.append(cp)
                 else:
-                    jobs.append(ReadJob(self.store.fds[rng.file_id], rng.offset, view, what))
-        return jobs, copies
+                    plain.append(ReadJob(self.store.fds[rng.file_id], rng.offset, view, what))
+        return jobs + coalesce(plain), copies
 
     def _bounce_for(self, pool: SlotPool, parts) -> DirectBounce:
         key = id(pool)
