@@ -15,6 +15,7 @@ CONFIG_KEYS = {
     "io_threads": "io.threads", "io_retries": "io.retries", "io_direct": "io.direct",
     "io_verify": "io.verify", "layout": "io.layout", "cache_policy": "cache.policy",
     "cache_budget_gb": "cache.budget_gb", "prefetch": "cache.prefetch",
+    "cache_host_budget_gb": "cache.host_budget_gb",
     "device": "hardware.device", "dtype": "hardware.dtype",
 }
 

@@ -37,6 +37,10 @@ LEVERS = [
     {"layout": "original", "io_direct": True, "io_split": 2},
     {"layout": "original", "prefetch": True, "cache_policy": "none"},
     {"layout": "packed", "prefetch": True, "cache_policy": "lru", "cache_budget_gb": 1.0},
+    {"layout": "original", "cache_policy": "lru", "cache_budget_gb": 4.5e-5,
+     "cache_host_budget_gb": 1.0},
+    {"layout": "packed", "cache_policy": "lfu", "cache_budget_gb": 4.5e-5,
+     "cache_host_budget_gb": 1.0, "io_split": 3},
 ]
 
 
