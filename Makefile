@@ -45,7 +45,7 @@ STAMP := $(VENV)/.installed-$(BACKEND)
 OTHERS := $(filter-out $(PKG_$(BACKEND)),$(PKG_cpu) $(PKG_cuda) $(PKG_cuda12))
 PIP_FROM := $(if $(WHEELS),--no-index --find-links $(abspath $(WHEELS)))
 
-.PHONY: run test fuzz bench clean backend
+.PHONY: run test fuzz mutate bench clean backend
 
 backend:  ## which MLX build `make run` / `make test` install here, and why
 	@echo "$(BACKEND): $(WHY)"
@@ -66,13 +66,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)  ## build (once) and run the embedded demo model
 	$(BIN)/python -m flashmoe $(ARGS)
 
-test: $(STAMP)  ## lint (ruff, config in pyproject.toml), then the whole test suite
+test: $(STAMP)  ## lint (ruff, config in pyproject.toml), then the whole test suite (~5-8 min on 2 shared cores)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(ARGS)
 
 fuzz: $(STAMP)  ## the long fuzzing target (100k+ inputs), not part of `make test`
 	$(BIN)/pip install -q $(PIP_FROM) -e ".[test,fuzz,$(BACKEND)]"
 	$(BIN)/python -m pytest -q -m fuzz tests/ $(ARGS)
+
+mutate: $(STAMP)  ## 500 injected faults against the parity checks (~5 min); score in QUALITY.md
+	$(BIN)/python -m pytest -q -s -m mutate tests/test_mutation.py $(ARGS)
 
 bench: $(STAMP)  ## io.split sweep on the demo, then the table
 	$(BIN)/python -m flashmoe -m task=bench io.split=1,2,4,8 $(ARGS)

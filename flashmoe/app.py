@@ -5,12 +5,14 @@ import asyncio
 import importlib
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from flashmoe.config import validate
+from flashmoe.config_errors import hydra_failure_message
 from flashmoe.errors import FlashMoeError
 from flashmoe.hardware import detect_machine, picked_line, resolve_hardware
 from flashmoe.runtime.backend import Backend, detect, gpu_install_hint
@@ -36,7 +38,11 @@ def main(cfg: DictConfig) -> int:
     machine = detect_machine() if cfg.hardware.name == "auto" else None
     cfg = resolve_hardware(cfg, machine=machine)
     run_dir = run_dir_of(cfg)
-    log = setup_logging(run_dir, level="debug" if cfg.debug else "info")
+    try:
+        log = setup_logging(run_dir, level="debug" if cfg.debug else "info")
+    except OSError as e:  # run_dir=/read-only/place: nowhere to log to
+        print(f"flashmoe: {hydra_failure_message(e)}", file=sys.stderr)
+        return EXIT_ERROR
     if machine is not None:  # printed with the summary line (an error's one line stays one)
         log.info("hardware_picked", profile=cfg.hardware.name, chip=machine.chip,
                  ram_gb=round(machine.ram_gb, 1), gpu=machine.gpu,
@@ -60,13 +66,13 @@ def main(cfg: DictConfig) -> int:
         print(f"flashmoe: {e}", file=sys.stderr)
         log.error("run_failed", error=str(e), error_type=type(e).__name__)
         if cfg.debug:
-            raise
+            traceback.print_exc()
     except Exception as e:  # a bug of ours: still one line, the traceback in the log
         print(f"flashmoe: internal error ({type(e).__name__}: {e}); the traceback is in "
               f"{run_dir}/flashmoe.jsonl, or run with debug=true", file=sys.stderr)
         log.error("run_failed", error=str(e), error_type=type(e).__name__, exc_info=True)
         if cfg.debug:
-            raise
+            traceback.print_exc()
     finally:
         signal.signal(signal.SIGTERM, previous)
         if summary is None:

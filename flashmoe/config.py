@@ -90,6 +90,7 @@ class BenchTask(TaskConfig):
     warmup: int = 4
     cold: bool = False  # drop the checkpoint's page cache before each repeat
     baseline: str = "none"  # none | mlx_lm
+    check: str = "none"  # none | mlx_lm: the timed stream must equal resident mlx-lm's
     repeats: int = 3
     prompt: str = BENCH_PROMPT
 
@@ -138,7 +139,9 @@ class Config:
     cache: CacheConfig = MISSING
     sampling: SamplingConfig = MISSING
     task: TaskConfig = MISSING
-    prompt: str = DEFAULT_PROMPT
+    prompt: Optional[str] = None  # None: standard input when piped, else DEFAULT_PROMPT (or chat)
+    prompt_file: Optional[str] = None  # read the prompt from this UTF-8 file
+    system: Optional[str] = None  # system message; applies the chat template
     max_tokens: int = 64
     chat: bool = False
     data: Optional[str] = None
@@ -244,6 +247,7 @@ def _validate_task(cfg: DictConfig) -> None:
         _at_least(cfg, "task.warmup", 0)
         _at_least(cfg, "task.repeats", 1)
         _one_of(cfg, "task.baseline", BASELINES)
+        _one_of(cfg, "task.check", BASELINES)
     elif task.name == "ppl":
         _at_least(cfg, "task.context", 2)
         _between(cfg, "task.stride", 1, task.context)

@@ -67,6 +67,17 @@ def hydra_error_message(exc: BaseException) -> str:
     return " ".join(lines[:2]) or type(exc).__name__
 
 
+def hydra_failure_message(exc: BaseException) -> str:
+    """One line for whatever stopped Hydra before the job ran (composition, run directory)."""
+    from hydra.errors import HydraException
+
+    if isinstance(exc, OSError) and not isinstance(exc, HydraException):  # not MissingConfig
+        where = exc.filename or "the run directory"
+        return (f"cannot write {where} ({exc.strerror or exc}); choose a writable run directory: "
+                "hydra.run.dir=DIR (hydra.sweep.dir=DIR with -m), or run_dir=DIR")
+    return hydra_error_message(exc)
+
+
 def config_error(err: OptionError) -> ConfigError:
     """An engine option error, reworded with the config key that sets the option."""
     value = str(err.value).lower() if isinstance(err.value, bool) else err.value

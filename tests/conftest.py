@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.tiny import build_tiny
+from tests.parity import Trace, mlx_lm_trace
+
+REF_STEPS = 32  # the reference decodes this many tokens once; tests take a prefix
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +28,32 @@ def tiny(tmp_path_factory):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def wide(tiny):
+    """wide(family): expert weight parts of 128 KiB, twice io_pool.MIN_CHUNK, so io.split
+    really cuts each read in two (the tiny fixtures' parts are at most 24 KiB: never cut)."""
+    def make(family: str = "qwen3_moe", **overrides) -> Path:
+        key = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+        return tiny(family, **{"hidden_size": 256, key: 1024, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """reference(path, prompt, n=32, upcast=False) -> mlx-lm's Trace, computed once a session."""
+    done: dict[tuple, Trace] = {}
+
+    def get(path: Path, prompt: list[int], n: int = REF_STEPS, upcast: bool = False) -> Trace:
+        assert n <= REF_STEPS
+        key = (str(path), tuple(prompt), upcast)
+        if key not in done:
+            done[key] = mlx_lm_trace(path, prompt, REF_STEPS, upcast)
+        return done[key].head(n)
+
+    return get
 
 
 def with_k(src: Path, dst: Path, k: int) -> Path:

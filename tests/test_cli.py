@@ -20,7 +20,7 @@ SUMMARY_KEYS = {"tok_s", "ttft_s", "expert_io_ms_per_token", "expert_gb_per_toke
 
 def flashmoe(cwd: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flashmoe", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def events(run_dir: Path) -> list[dict]:
@@ -57,13 +57,19 @@ def test_single_run_streams_only_text(tiny, tmp_path):
 
 
 def test_multirun_writes_one_run_dir_per_value(tiny, tmp_path):
+    from mlx_lm.utils import load_tokenizer
+
     path = tiny("qwen3_5_moe")
     out = flashmoe(tmp_path, "-m", f"model.path={path}", "hardware=linux_cpu", "io.split=1,2",
-                   "max_tokens=6")
+                   "max_tokens=6", "prompt=Hello, world")  # the split sweeps, not the prompt
     assert out.returncode == 0, out.stderr
     runs = run_dirs(tmp_path / "runs" / "multirun")
     assert [r.name for r in runs] == ["0", "1"]
     assert check_run(runs[0], 1) == check_run(runs[1], 2)  # same greedy tokens either way
+    hello = load_tokenizer(path).encode("Hello, world")
+    for run in runs:
+        (started,) = [e for e in events(run) if e["event"] == "generation_started"]
+        assert started["prompt_token_ids"] == hello
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -49,3 +49,9 @@ def test_merged_split_and_short_reads_land_exactly(blob, split, short):
     assert IOPool(3, split, reader=reader).read_blocking(merged) == sum(n for _, n in ranges)
     for (off, n), d in zip(ranges, dests):
         assert d.tobytes() == data[off:off + n].tobytes()
+
+
+def test_merged_reads_stay_within_the_limit(blob):
+    fd, _ = blob
+    jobs, _ = _jobs(fd, [(0, 100), (100, 100), (200, 100), (300, 250)])
+    assert [j.nbytes for j in coalesce(jobs, limit=250)] == [200, 100, 250]

@@ -235,6 +235,8 @@ def _run_child(case: dict) -> None:
     os.chdir(case["cwd"])
     for fd, name in ((1, "stdout"), (2, "stderr")):
         os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    os.dup2(os.open(case.get("stdin", os.devnull), os.O_RDONLY), 0)  # `< file`, or no input
+    sys.stdin = open(0, encoding="utf-8", closefd=False)
     sys.argv, code = ["flashmoe", *case["args"]], 0
     try:
         runpy.run_module("flashmoe", run_name="__main__", alter_sys=True)
@@ -254,9 +256,11 @@ def run_cli_cases(jobs: list[dict]) -> list[int]:
         codes = []
         for job in jobs:
             with open(Path(job["cwd"]) / "stdout", "w") as out, \
-                 open(Path(job["cwd"]) / "stderr", "w") as err:
+                 open(Path(job["cwd"]) / "stderr", "w") as err, \
+                 open(job.get("stdin", os.devnull)) as inp:
                 codes.append(subprocess.run([sys.executable, "-m", "flashmoe", *job["args"]],
-                                            cwd=job["cwd"], stdout=out, stderr=err).returncode)
+                                            cwd=job["cwd"], stdout=out, stderr=err,
+                                            stdin=inp).returncode)
         return codes
     server = "import tests.test_reliability as t; t.serve_cli()"
     out = subprocess.run([sys.executable, "-c", server], cwd=REPO, input=json.dumps(jobs),

@@ -17,10 +17,10 @@ from flashmoe.bench import cgroup as cgroups
 from flashmoe.runtime.memory import peak_rss_gb
 
 
-
 def run_baseline(path: Path, prompt: list[int], tokens: int, dtype: str | None, k: int,
                  limit_gb: float | None = None, timeout_s: float = 1800) -> dict:
-    """{'tok_s', 'peak_rss_gb', 'status', 'limit'}; status is 'ok', 'oom', 'error' or 'timeout'."""
+    """{'tok_s', 'peak_rss_gb', 'token_ids', 'status', 'limit'}; status is 'ok', 'oom', 'error'
+    or 'timeout'. token_ids: mlx-lm's greedy stream, which the bench's own stream must equal."""
     cmd = [sys.executable, "-m", "flashmoe.bench.baseline", str(path), str(tokens),
            dtype or "none", json.dumps(prompt), str(k)]
     cgroup, limit = cgroups.make(f"flashmoe-baseline-{os.getpid()}", limit_gb) if limit_gb \
@@ -57,13 +57,14 @@ def _child(path: str, tokens: int, dtype: str, prompt: list[int], k: int) -> dic
             for attr in ("top_k", "num_experts_per_tok"):
                 if block is not None and hasattr(block, attr):
                     setattr(block, attr, k)
-    stamps = []
-    for _tok, _ in generate_step(mx.array(prompt), model, max_tokens=tokens,
+    stamps, ids = [], []
+    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=tokens,
                                  sampler=lambda lp: mx.argmax(lp, axis=-1)):
         stamps.append(time.perf_counter())
+        ids.append(int(tok))
     decode = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
     return {"tok_s": (len(stamps) - 1) / decode if decode else 0.0,
-            "peak_rss_gb": peak_rss_gb(), "tokens": len(stamps)}
+            "peak_rss_gb": peak_rss_gb(), "tokens": len(stamps), "token_ids": ids}
 
 
 if __name__ == "__main__":

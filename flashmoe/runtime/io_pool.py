@@ -68,14 +68,17 @@ class ReadJob:
         return self.dest.nbytes + sum(v.nbytes for v in self.more)
 
 
-def coalesce(jobs: list[ReadJob]) -> list[ReadJob]:
+def coalesce(jobs: list[ReadJob], limit: int | None = None) -> list[ReadJob]:
     """Merge jobs whose file ranges touch (same file, one ending where the next starts) into
-    one scatter read: one request instead of several where the layout allows (a packed
-    expert's parts, neighbouring experts of one tensor). Order: by file and offset."""
+    one scatter read of at most `limit` bytes: fewer requests where the layout allows (a
+    packed expert's small scales and biases, neighbouring experts of one tensor). The fetch
+    stage passes its largest part, so no read grows past what io.split was tuned on.
+    Order: by file and offset."""
     out: list[ReadJob] = []
     for job in sorted(jobs, key=lambda j: (j.fd, j.offset)):
         last = out[-1] if out else None
-        if last is not None and last.fd == job.fd and last.offset + last.nbytes == job.offset:
+        if (last is not None and last.fd == job.fd and last.offset + last.nbytes == job.offset
+                and (limit is None or last.nbytes + job.nbytes <= limit)):
             out[-1] = ReadJob(last.fd, last.offset, last.dest, last.what,
                               (*last.more, *job.views))
         else:

@@ -78,7 +78,8 @@ class ExpertFetchStage:
                     copies.append(cp)
                 else:
                     plain.append(ReadJob(self.store.fds[rng.file_id], rng.offset, view, what))
-        return jobs + coalesce(plain), copies
+        limit = max((j.nbytes for j in plain), default=0)
+        return jobs + coalesce(plain, limit), copies
 
     async def _read_staged(self, layer: int, pool: SlotPool, grant: SlotGrant,
                            observer: ReadObserver | None) -> tuple[int, float]:

@@ -9,12 +9,17 @@ from omegaconf import DictConfig
 from rich.progress import Progress
 
 from flashmoe.constants import GIB
+from flashmoe.errors import FlashMoeError
 from flashmoe.engine import Engine, ReadTrace, Session
 from flashmoe.bench.baseline import run_baseline
 from flashmoe.bench.probe import drop_page_cache, probe
 from flashmoe.tasks.common import (STAGE_KEYS, SYNTHETIC_NOTE, open_engine, run_summary,
                                    token_figures, warn_device)
 from flashmoe.config import model_kind
+
+
+class BenchCheckError(FlashMoeError):
+    """The timed tokens are not mlx-lm's: the bench withholds its speed."""
 
 
 async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
@@ -27,11 +32,12 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     warm_tokens = t.warmup if t.cold else max(t.warmup, t.tokens)
     if warm_tokens:
         await _decode(engine.session(), prompt, warm_tokens, log=None)
-    reps, trace = [], []
+    reps, trace, streams = [], [], []
     for r in range(t.repeats):
-        rep, rep_trace = await _measured(engine, prompt, t.tokens, t.cold, log, r)
+        rep, rep_trace, stream = await _measured(engine, prompt, t.tokens, t.cold, log, r)
         reps.append(rep)
         trace += rep_trace
+        streams.append(stream)
     extra = _medians(reps)
     read_bytes = sum(r["decode_bytes"] for r in reps)
     read_ms = sum(r["decode_fetch_ms"] for r in reps)
@@ -39,8 +45,13 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     extra["probe_tokens"] = sum(r["generated_tokens"] - 1 for r in reps) or 1
     extra.update(_probe(engine, trace, cfg, extra))
     extra.update(await _overlap(engine, prompt, t.tokens, extra))
+    baseline = None
+    if t.baseline == "mlx_lm" or t.check == "mlx_lm":
+        baseline = _run_baseline(engine, prompt, t.tokens, cfg)
+    if t.check == "mlx_lm":
+        extra.update(check_tokens(streams, baseline))
     if t.baseline == "mlx_lm":
-        extra.update(_baseline(engine, prompt, t.tokens, cfg, extra))
+        extra.update(_baseline(baseline, extra))
     extra.update(bench_cold=t.cold, bench_tokens=t.tokens, repeats=t.repeats)
     if model_kind(cfg.model) in ("demo", "synth"):
         extra["note"] = SYNTHETIC_NOTE
@@ -51,10 +62,12 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
 
 async def _decode(session: Session, prompt: list[int], n: int, log: Any,
                   progress: Progress | None = None, task_id: Any = None,
-                  trace: ReadTrace | None = None) -> int:
+                  trace: ReadTrace | None = None, stream: list[int] | None = None) -> int:
     """Generate n tokens (no stop token: a bench always runs its full length)."""
     first_trace = 0
     async for ev in session.generate(prompt, n):
+        if stream is not None:
+            stream.append(ev.token_id)
         if ev.position == len(prompt) and trace is not None:
             first_trace = trace.mark()  # reads of the prompt pass
         if log is not None:
@@ -65,15 +78,15 @@ async def _decode(session: Session, prompt: list[int], n: int, log: Any,
 
 
 async def _measured(engine: Engine, prompt: list[int], n: int, cold: bool, log: Any,
-                    rep: int) -> tuple[dict, list]:
+                    rep: int) -> tuple[dict, list, list[int]]:
     if cold:
         engine.reset_cache()
         drop_page_cache(engine.files)
-    trace = ReadTrace()
+    trace, stream = ReadTrace(), []
     session = engine.session(observer=trace)
     with Progress(transient=True) as bar:  # rich writes to stderr when stdout is text
         tid = bar.add_task(f"bench repeat {rep + 1}", total=n)
-        skip = await _decode(session, prompt, n, log, bar, tid, trace)
+        skip = await _decode(session, prompt, n, log, bar, tid, trace, stream)
     totals = session.totals
     rep_figs = token_figures(totals)
     rep_figs["decode_bytes"] = sum(s.bytes_read for s in totals.steps[1:])
@@ -86,7 +99,7 @@ async def _measured(engine: Engine, prompt: list[int], n: int, cold: bool, log: 
         rep_figs["host_hit_rate"] = round(host / (hits + fetched + host), 4)
     decode_trace = trace.batches[skip:]
     log.info("bench_repeat", repeat=rep, **rep_figs)
-    return rep_figs, decode_trace
+    return rep_figs, decode_trace, stream
 
 
 def _medians(reps: list[dict]) -> dict:
@@ -124,12 +137,16 @@ async def _overlap(engine: Engine, prompt: list[int], n: int, figs: dict) -> dic
             "overlap_ratio": round(token_ms / alone, 4) if alone else 0.0}
 
 
-def _baseline(engine: Engine, prompt: list[int], n: int, cfg: DictConfig, figs: dict) -> dict:
+def _run_baseline(engine: Engine, prompt: list[int], n: int, cfg: DictConfig) -> dict:
     size_gb = sum(f.stat().st_size for f in engine.path.glob("*.safetensors")) / GIB
     limit = cfg.hardware.memory_gb if size_gb > cfg.hardware.memory_gb else None
     res = run_baseline(engine.path, prompt, n, engine.options.dtype, engine.k, limit_gb=limit)
+    return {**res, "checkpoint_gb": round(size_gb, 3)}
+
+
+def _baseline(res: dict, figs: dict) -> dict:
     out = {"baseline": "mlx_lm", "baseline_status": res["status"], "baseline_limit": res["limit"],
-           "checkpoint_gb": round(size_gb, 3)}
+           "checkpoint_gb": res["checkpoint_gb"]}
     if res["status"] == "ok":
         out.update(baseline_tok_s=round(res["tok_s"], 3),
                    baseline_peak_rss_gb=round(res["peak_rss_gb"], 3),
@@ -137,3 +154,24 @@ def _baseline(engine: Engine, prompt: list[int], n: int, cfg: DictConfig, figs: 
     else:
         out["baseline_error"] = res.get("error", res["status"])
     return out
+
+
+def check_tokens(streams: list[list[int]], baseline: dict) -> dict:
+    """task.check=mlx_lm: every timed stream must be resident mlx-lm's greedy stream.
+
+    A bench whose tokens differ measured something other than the model: no speed is reported
+    (one flashmoe: line, status=error). A reference that could not run says so instead."""
+    if baseline["status"] != "ok":
+        return {"tokens_match": None, "check_status": baseline["status"],
+                "check_error": baseline.get("error", baseline["status"])}
+    want = baseline["token_ids"]
+    for r, got in enumerate(streams):
+        if got != want:
+            at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b),
+                      min(len(got), len(want)))
+            raise BenchCheckError(
+                f"bench repeat {r + 1}: generated token {at} is {got[at] if at < len(got) else None}"
+                f" but resident mlx-lm gives {want[at] if at < len(want) else None}; the speed of "
+                "a run that decodes other tokens is not reported (task.check=mlx_lm). Report "
+                "this with the run directory's flashmoe.jsonl")
+    return {"tokens_match": True, "check_status": "ok"}
