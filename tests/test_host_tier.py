@@ -75,3 +75,17 @@ async def test_two_tiers_are_exact_and_counted(tiny, policy):
     hits0, reads0 = e0.cache_stats()
     hits1, reads1 = e1.cache_stats()
     assert reads1 + e1.host_hits() == reads0 and hits1 == hits0  # same lookups, fewer reads
+
+
+@pytest.mark.parametrize("policy, slots", [("lru", 4), ("lfu", 5)])
+async def test_two_tiers_match_mlx_lm_at_every_step(wide, policy, slots):
+    """Pools that evict every step, the host tier serving the misses it holds: mlx-lm's bits."""
+    from tests.parity import assert_exact, budget_for, flashmoe_trace, mlx_lm_trace
+
+    path = wide("qwen3_5_moe")
+    ref = mlx_lm_trace(path, PROMPT, 8)
+    got, engine = await flashmoe_trace(path, PROMPT, 8, cache_policy=policy,
+                                       cache_budget_gb=budget_for(path, slots),
+                                       cache_host_budget_gb=1.0)
+    assert engine.host_hits() > 0
+    assert_exact(ref, got)

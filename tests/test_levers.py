@@ -41,9 +41,6 @@ LEVERS = [
     {"layout": "original", "io_direct": True, "io_split": 2, "slots": K},
     {"layout": "original", "prefetch": True, "cache_policy": "none"},
     {"layout": "packed", "prefetch": True, "cache_policy": "lru", "slots": 2 * K, "io_split": 2},
-    {"layout": "original", "cache_policy": "lru", "slots": K, "cache_host_budget_gb": 1.0},
-    {"layout": "packed", "cache_policy": "lfu", "slots": K + 1, "cache_host_budget_gb": 1.0,
-     "io_split": 3},
 ]
 
 
