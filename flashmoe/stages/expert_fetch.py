@@ -78,8 +78,9 @@ class ExpertFetchStage:
                     copies.append(cp)
                 else:
                     plain.append(ReadJob(self.store.fds[rng.file_id], rng.offset, view, what))
-        limit = max((j.nbytes for j in plain), default=0)
-        return jobs + coalesce(plain, limit), copies
+        # not coalesced here: read sizes and counts stay the ones io.split was tuned on (the
+        # CUDA staged path coalesces, its staging row being contiguous)
+        return jobs + plain, copies
 
     async def _read_staged(self, layer: int, pool: SlotPool, grant: SlotGrant,
                            observer: ReadObserver | None) -> tuple[int, float]:
