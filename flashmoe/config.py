@@ -52,6 +52,7 @@ class IOConfig:
     threads: int = II("hardware.io_threads")
     direct: bool = False
     verify: bool = False
+    cuda_copy: bool = False  # CUDA builds: pinned staging + driver copies (opt-in, unmeasured)
     retries: int = 3
     layout: str = "auto"  # auto | original | packed
 
@@ -60,6 +61,7 @@ class IOConfig:
 class CacheConfig:
     policy: str = "lru"
     budget_gb: float = II("hardware.cache_budget_gb")
+    host_budget_gb: float = 0.0  # host-RAM tier behind the slots (runtime/host_tier.py)
     prefetch: bool = False
 
 
@@ -292,6 +294,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg, "io.layout", LAYOUTS)
     _one_of(cfg, "cache.policy", CACHE_POLICIES)
     _at_least(cfg, "cache.budget_gb", 0)
+    _at_least(cfg, "cache.host_budget_gb", 0)
     if cfg.cache.budget_gb > cfg.hardware.memory_gb:
         _fail("cache.budget_gb", cfg.cache.budget_gb,
               f"must not exceed hardware.memory_gb={cfg.hardware.memory_gb}")

@@ -24,7 +24,9 @@ from flashmoe.engine.session import Session, Totals
 from flashmoe.constants import GIB
 from flashmoe.errors import CheckpointError, OptionError
 from flashmoe.models.loader import Resident, load_resident
+from flashmoe.runtime import cuda_copy
 from flashmoe.runtime.expert_store import ExpertStore
+from flashmoe.runtime.host_tier import HostTier
 from flashmoe.runtime.io_pool import IOPool
 from flashmoe.runtime.mlx_worker import MlxWorker
 from flashmoe.runtime.platform_io import metal_buffer_limit
@@ -60,6 +62,9 @@ class Model:
         if not 1 <= self.k <= self.num_experts:
             raise OptionError("experts_per_token", self.k, f"must be between 1 and "
                               f"{self.num_experts} (this model's experts per layer)")
+        # None: preads straight into the slots (the path measured exact on the H200); the
+        # staged copy stays opt-in until a GPU run has measured it (io.cuda_copy)
+        self.cuda = cuda_copy.select(worker.device) if options.cuda_copy else None
         self.pools = self._make_pools()  # config errors first: nothing to close yet
         self.io = IOPool(options.io_threads, options.io_split, options.io_retries,
                          reader=options.reader, on_retry=options.on_io_retry)
@@ -139,9 +144,14 @@ class Model:
                     f"{spec.expert_nbytes / 2**20:.2f} MiB but one layer needs {self.k} "
                     f"(experts_per_token); use at least {need:.3g}")
             n = min(n, self.experts_owned * len(layers))
-            for group, slots in split_under_cap(layers, n, self._slot_cap(spec)):
+            host_n = self._host_rows(spec, len(groups), self.experts_owned * len(layers) - n)
+            blocks = split_under_cap(layers, n, self._slot_cap(spec))
+            for group, slots in blocks:
+                host = HostTier([p.nbytes for p in spec.parts], host_n // len(blocks),
+                                cuda_copy.host_allocator(self.cuda), self.cuda)
                 pool = SlotPool(spec, slots, self.options.cache_policy,
-                                upcast=self.options.dtype == "float32")
+                                upcast=self.options.dtype == "float32", host=host)
+                pool.cuda = self.cuda if not pool.store.upcasts else None
                 pools.update({i: pool for i in group})
         return pools
 
@@ -151,6 +161,14 @@ class Model:
         split them; the cache budget covers only those)."""
         par = self.options.parallel
         return len(par.share(self.num_experts)) if par is not None else self.num_experts
+
+    def _host_rows(self, spec, groups: int, beyond_slots: int) -> int:
+        """Host-tier rows for one expert layout: its share of cache.host_budget_gb, no more
+        than the experts the slots cannot hold."""
+        budget = self.options.cache_host_budget_gb
+        if not budget or self.options.cache_policy == "none":
+            return 0
+        return max(0, min(int(budget * GIB / groups // spec.expert_nbytes), beyond_slots))
 
     def _slot_cap(self, spec) -> int:
         """Most slots one pool may hold: each part's slot array stays within 2 GiB (and
@@ -217,12 +235,19 @@ class Model:
             pool.clear()
 
     def cache_stats(self) -> tuple[int, int]:
+        """(slot hits, disk reads) over the model's life."""
         pools = self.unique_pools()
         return sum(p.hits for p in pools), sum(p.misses for p in pools)
+
+    def host_hits(self) -> int:
+        """Misses of the slots served by the host tier (cache.host_budget_gb)."""
+        return sum(p.host_hits for p in self.unique_pools())
 
     async def aclose(self) -> None:
         self.io.close()
         self.store.close()
+        if self.cuda is not None:
+            self.cuda.close()
         self.worker.close()
 
 

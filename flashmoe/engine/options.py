@@ -24,9 +24,11 @@ class EngineOptions:
     io_retries: int = 3
     io_direct: bool = False  # O_DIRECT reads via aligned bounce buffers (skips the page cache)
     io_verify: bool = False  # check each read expert's xxh64 (needs the packed layout)
+    cuda_copy: bool = False  # CUDA: pinned staging + cuMemcpyHtoDAsync (not yet run on a GPU)
     layout: str = "auto"  # auto | original | packed (auto: packed when <ckpt>/flashmoe-packed exists)
     cache_policy: str = "lru"
     cache_budget_gb: float | None = None  # None: the minimum, two tokens' worth of slots
+    cache_host_budget_gb: float = 0.0  # host-RAM tier behind the slots (0: none)
     prefetch: bool = False  # speculative read of the next layer's likely experts
     device: str = "cpu"
     dtype: str | None = None  # activations; None keeps the checkpoint's dtype (mlx-lm parity)
@@ -49,6 +51,9 @@ class EngineOptions:
                                   "must be one of " + ", ".join(str(a) for a in allowed))
         if self.cache_budget_gb is not None and self.cache_budget_gb < 0:
             raise OptionError("cache_budget_gb", self.cache_budget_gb, "must be at least 0")
+        if self.cache_host_budget_gb < 0:
+            raise OptionError("cache_host_budget_gb", self.cache_host_budget_gb,
+                              "must be at least 0")
 
     @property
     def mx_dtype(self) -> mx.Dtype | None:

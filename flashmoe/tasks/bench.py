@@ -97,6 +97,9 @@ async def _measured(engine: Engine, prompt: list[int], n: int, cold: bool, log: 
     hits = sum(s.experts_hit for s in totals.steps[1:])
     fetched = sum(s.experts_fetched for s in totals.steps[1:])
     rep_figs["cache_hit_rate"] = round(hits / (hits + fetched), 4) if hits + fetched else 0.0
+    host = sum(s.extra.get("experts_host_hit", 0) for s in totals.steps[1:])
+    if host:  # the host tier's share of all lookups (cache.host_budget_gb)
+        rep_figs["host_hit_rate"] = round(host / (hits + fetched + host), 4)
     decode_trace = trace.batches[skip:]
     log.info("bench_repeat", repeat=rep, **rep_figs)
     return rep_figs, decode_trace, stream

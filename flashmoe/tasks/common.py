@@ -51,9 +51,11 @@ def engine_options(cfg: DictConfig, **extra: Any) -> EngineOptions:
     return EngineOptions(
         experts_per_token=cfg.model.experts_per_token, io_split=cfg.io.split,
         io_threads=cfg.io.threads, io_retries=cfg.io.retries, io_direct=cfg.io.direct,
-        io_verify=cfg.io.verify, layout=cfg.io.layout, cache_policy=cfg.cache.policy,
+        io_verify=cfg.io.verify, cuda_copy=cfg.io.cuda_copy, layout=cfg.io.layout,
+        cache_policy=cfg.cache.policy,
         prefetch=cfg.cache.prefetch,
-        cache_budget_gb=cfg.cache.budget_gb, device=cfg.hardware.device,
+        cache_budget_gb=cfg.cache.budget_gb, cache_host_budget_gb=cfg.cache.host_budget_gb,
+        device=cfg.hardware.device,
         dtype=dtype, **extra)
 
 
@@ -100,6 +102,11 @@ def run_summary(cfg: DictConfig, engine: Engine | None, totals: Totals | None,
         out.update(token_figures(totals))
         hits, misses = engine.cache_stats()
         out["cache_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else 0.0
+        host = engine.host_hits()
+        if engine.options.cache_host_budget_gb:  # per tier: of all lookups, served by each
+            total = hits + misses + host
+            out["host_hit_rate"] = round(host / total, 4) if total else 0.0
+            out["device_hit_rate"] = round(hits / total, 4) if total else 0.0
         out["model_path"] = str(engine.path)
         out["model_type"] = engine.config.get("model_type")
         out["slot_gb"] = round(engine.slot_bytes / 1e9, 3)
