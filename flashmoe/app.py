@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import signal
 import sys
 import traceback
@@ -14,10 +15,12 @@ from omegaconf import DictConfig
 from flashmoe.config import validate
 from flashmoe.config_errors import hydra_failure_message
 from flashmoe.errors import FlashMoeError
+from flashmoe.runtime.dist import DistError, ExpertParallel
 from flashmoe.hardware import detect_machine, picked_line, resolve_hardware
 from flashmoe.runtime.backend import Backend, detect, gpu_install_hint
 from flashmoe.runtime.logging import close_logging, setup_logging
 from flashmoe.tasks.common import run_summary
+from flashmoe.tasks.dist import merge_summary, parallel_from
 
 TASKS = {"generate": "flashmoe.tasks.generate", "bench": "flashmoe.tasks.bench",
          "ppl": "flashmoe.tasks.ppl", "pack": "flashmoe.tasks.pack",
@@ -38,11 +41,16 @@ def main(cfg: DictConfig) -> int:
     machine = detect_machine() if cfg.hardware.name == "auto" else None
     cfg = resolve_hardware(cfg, machine=machine)
     run_dir = run_dir_of(cfg)
+    par = _launched_rank(cfg)
+    rank = par.rank if par else 0
+    log_file = "flashmoe.jsonl" if rank == 0 else f"flashmoe.rank{rank}.jsonl"
     try:
-        log = setup_logging(run_dir, level="debug" if cfg.debug else "info")
+        log = setup_logging(run_dir, level="debug" if cfg.debug else "info", log_file=log_file)
     except OSError as e:  # run_dir=/read-only/place: nowhere to log to
         print(f"flashmoe: {hydra_failure_message(e)}", file=sys.stderr)
         return EXIT_ERROR
+    if par is not None:
+        _bind_rank(par)
     if machine is not None:  # printed with the summary line (an error's one line stays one)
         log.info("hardware_picked", profile=cfg.hardware.name, chip=machine.chip,
                  ram_gb=round(machine.ram_gb, 1), gpu=machine.gpu,
@@ -55,7 +63,8 @@ def main(cfg: DictConfig) -> int:
     try:
         validate(cfg)
         backend = detect()
-        print(start_line(cfg, backend), file=sys.stderr)  # the run's first stderr line
+        if rank == 0:
+            print(start_line(cfg, backend), file=sys.stderr)  # the run's first stderr line
         module = importlib.import_module(TASKS[cfg.task.name])
         summary = asyncio.run(_run(module, cfg, log, state))
         status, code = summary.get("status", "ok"), 0
@@ -63,7 +72,8 @@ def main(cfg: DictConfig) -> int:
         status, code = "interrupted", EXIT_INTERRUPTED
         print("\nflashmoe: interrupted; summary written", file=sys.stderr)
     except FlashMoeError as e:
-        print(f"flashmoe: {e}", file=sys.stderr)
+        who = f"rank {rank}: " if rank and not isinstance(e, DistError) else ""
+        print(f"flashmoe: {who}{e}", file=sys.stderr)
         log.error("run_failed", error=str(e), error_type=type(e).__name__)
         if cfg.debug:
             traceback.print_exc()
@@ -86,18 +96,54 @@ def main(cfg: DictConfig) -> int:
             if not backend.gpu:
                 summary["device"] = "cpu"
         log.info("run_summary", **summary)
-        if status != "error":  # an error's one line is the cause, printed above
+        if status != "error" and rank == 0:  # an error's one line is the cause, printed above
             _print_summary(summary, run_dir)
         close_logging()
+    if par is not None and status == "error":
+        _end_rank(code)  # an MLX thread may sit in a collective that never returns
     return code
 
 
-async def _run(module: Any, cfg: DictConfig, log: Any, state: dict) -> dict:
+def _launched_rank(cfg: DictConfig) -> ExpertParallel | None:
+    """This rank (None: one process); a world that cannot form ends the run here."""
     try:
-        return await module.run(cfg, log, state)
+        return parallel_from(cfg)
+    except FlashMoeError as e:
+        print(f"flashmoe: {e}", file=sys.stderr)
+        _end_rank(EXIT_ERROR)
+        raise  # not reached
+
+
+def _bind_rank(par: ExpertParallel) -> None:
+    """Every event names its rank; only rank 0 writes text to stdout."""
+    import structlog
+
+    structlog.contextvars.bind_contextvars(rank=par.rank, world_size=par.size)
+    if par.rank:
+        sys.stdout = open(os.devnull, "w")
+
+
+def _end_rank(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+async def _run(module: Any, cfg: DictConfig, log: Any, state: dict) -> dict:
+    stuck = False
+    try:
+        summary = await module.run(cfg, log, state)
+        engine = state.get("engine")
+        par = engine.options.parallel if engine is not None else None
+        if par is not None:  # rank 0's summary carries every rank's I/O
+            summary = await merge_summary(par, engine.worker.run, summary)
+        return summary
+    except DistError:
+        stuck = True  # the MLX thread may never come back: closing it would wait forever
+        raise
     finally:
         engine = state.get("engine")
-        if engine is not None:
+        if engine is not None and not stuck:
             await engine.aclose()
 
 

@@ -75,6 +75,14 @@ class SamplingConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: str = "expert"  # expert | none
+    backend: str = "any"  # any | ring | mpi | nccl | jaccl
+    timeout_s: float = 120.0
+    connect_timeout_s: float = 60.0
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
 
@@ -140,6 +148,7 @@ class Config:
     cache: CacheConfig = MISSING
     sampling: SamplingConfig = MISSING
     task: TaskConfig = MISSING
+    dist: DistConfig = MISSING
     prompt: Optional[str] = None  # None: standard input when piped, else DEFAULT_PROMPT (or chat)
     prompt_file: Optional[str] = None  # read the prompt from this UTF-8 file
     system: Optional[str] = None  # system message; applies the chat template
@@ -153,6 +162,7 @@ class Config:
 GROUP_SCHEMAS: tuple[tuple[str, type], ...] = (
     ("hardware", HardwareConfig), ("model", ModelConfig), ("io", IOConfig),
     ("cache", CacheConfig), ("sampling", SamplingConfig), ("task", TaskConfig),
+    ("dist", DistConfig),
 )
 TASK_SCHEMAS: tuple[type[TaskConfig], ...] = (
     GenerateTask, BenchTask, PplTask, PackTask, RequantTask, ConvertTask,
@@ -298,6 +308,18 @@ def validate(cfg: DictConfig) -> None:
     _at_least(cfg, "max_tokens", 1)
     _validate_model(cfg)
     _validate_task(cfg)
+    _validate_dist(cfg)
+
+
+def _validate_dist(cfg: DictConfig) -> None:
+    from flashmoe.runtime.dist import BACKENDS, STRATEGIES
+
+    if cfg.get("dist") is None:
+        return
+    _one_of(cfg, "dist.strategy", STRATEGIES)
+    _one_of(cfg, "dist.backend", BACKENDS)
+    _at_least(cfg, "dist.timeout_s", 1)
+    _at_least(cfg, "dist.connect_timeout_s", 1)
 
 
 register_configs()

@@ -76,7 +76,7 @@ class Model:
         self.tokenizer: Any = None
         self.pipeline = Pipeline(resident, worker, self.store, self.pools, self.io, self.k,
                                  options.mx_dtype, verify=options.io_verify,
-                                 prefetch=options.prefetch)
+                                 prefetch=options.prefetch, parallel=options.parallel)
         # one step at a time on the shared slots and MLX thread; sessions take turns
         self.step_lock = asyncio.Lock()
 
@@ -89,6 +89,8 @@ class Model:
         index = await asyncio.to_thread(CheckpointIndex.open, path)
         worker = MlxWorker(options.device)
         try:
+            if options.parallel is not None:  # refuse mismatched ranks before loading anything
+                await options.parallel.agree(worker.run, start_digests(index, options))
             resident = await worker.build(load_resident, path, index, options.mx_dtype, True,
                                           options.experts_per_token)
             engine = cls(path, options, worker, index, resident)
@@ -141,8 +143,8 @@ class Model:
                     "cache_budget_gb", budget, f"holds {n} experts of "
                     f"{spec.expert_nbytes / 2**20:.2f} MiB but one layer needs {self.k} "
                     f"(experts_per_token); use at least {need:.3g}")
-            n = min(n, self.num_experts * len(layers))
-            host_n = self._host_rows(spec, len(groups), self.num_experts * len(layers) - n)
+            n = min(n, self.experts_owned * len(layers))
+            host_n = self._host_rows(spec, len(groups), self.experts_owned * len(layers) - n)
             blocks = split_under_cap(layers, n, self._slot_cap(spec))
             for group, slots in blocks:
                 host = HostTier([p.nbytes for p in spec.parts], host_n // len(blocks),
@@ -152,6 +154,13 @@ class Model:
                 pool.cuda = self.cuda if not pool.store.upcasts else None
                 pools.update({i: pool for i in group})
         return pools
+
+    @property
+    def experts_owned(self) -> int:
+        """Experts per MoE layer this process reads and caches (its share when several ranks
+        split them; the cache budget covers only those)."""
+        par = self.options.parallel
+        return len(par.share(self.num_experts)) if par is not None else self.num_experts
 
     def _host_rows(self, spec, groups: int, beyond_slots: int) -> int:
         """Host-tier rows for one expert layout: its share of cache.host_budget_gb, no more
@@ -240,6 +249,18 @@ class Model:
         if self.cuda is not None:
             self.cuda.close()
         self.worker.close()
+
+
+def start_digests(index: CheckpointIndex, options: EngineOptions) -> list[tuple[str, bytes]]:
+    """What every rank must share: the checkpoint (config.json and tensor headers), the
+    options that change the numbers, and the task's own settings."""
+    from flashmoe.runtime.dist import digest
+
+    headers = sorted((n, t.dtype, t.shape, t.nbytes) for n, t in index.tensors.items())
+    numerics = (options.experts_per_token, options.dtype, options.device)
+    return [("checkpoint (config.json + safetensors headers)", digest(index.config, headers)),
+            ("engine setting (experts_per_token, dtype, device)", digest(*numerics)),
+            ("task config (prompt, sampling, task keys)", digest(options.run_context))]
 
 
 def split_under_cap(layers: list[int], n: int, cap: int) -> list[tuple[list[int], int]]:

@@ -8,6 +8,7 @@ import mlx.core as mx
 
 from flashmoe.constants import CACHE_POLICIES, DEVICES, IO_RETRIES, IO_SPLIT, IO_THREADS, LAYOUTS
 from flashmoe.errors import OptionError
+from flashmoe.runtime.dist import ExpertParallel
 from flashmoe.runtime.io_pool import Reader
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -33,6 +34,8 @@ class EngineOptions:
     dtype: str | None = None  # activations; None keeps the checkpoint's dtype (mlx-lm parity)
     reader: Reader | None = None  # injectable pread, for fault tests
     on_io_retry: Callable[..., None] | None = None
+    parallel: ExpertParallel | None = None  # several ranks: this one's share of the experts
+    run_context: str = ""  # what every rank must agree on beyond the checkpoint (task config)
 
     def check(self) -> None:
         """Ranges and sets, in the engine's words; checkpoint-dependent limits come at open."""

@@ -113,9 +113,11 @@ def setup_logging(
     level: Union[str, int] = "info",
     console_level: Union[str, int] = "warning",
     run_id: Optional[str] = None,
+    log_file: str = LOG_FILE,
 ) -> structlog.stdlib.BoundLogger:
-    """Log to `run_dir/flashmoe.jsonl` (one JSON object per line) and, from console_level up,
-    to stderr. Safe to call again: the previous file is closed and events follow the new one.
+    """Log to `run_dir/flashmoe.jsonl` (one JSON object per line; `log_file` names another
+    file, e.g. a rank's own) and, from console_level up, to stderr. Safe to call again: the
+    previous file is closed and events follow the new one.
 
     Binds run_id (default: "<date>/<time>" from the run dir) in contextvars; bind more with
     structlog.contextvars.bind_contextvars(layer=..., token=...).
@@ -137,7 +139,7 @@ def setup_logging(
     root = logging.getLogger(LOGGER_NAME)
     root.setLevel(numeric)
     root.propagate = False  # Hydra's job log (plain text) must not get these events twice
-    root.addHandler(_file_handler(run_dir / LOG_FILE, numeric))
+    root.addHandler(_file_handler(run_dir / log_file, numeric))
     if console:
         root.addHandler(_console_handler(max(numeric, _numeric_level(console_level))))
     structlog.contextvars.bind_contextvars(run_id=run_id or f"{run_dir.parent.name}/{run_dir.name}")

@@ -18,6 +18,7 @@ import mlx.nn as nn
 
 from flashmoe.stages.observer import ReadObserver
 from flashmoe.models.loader import Resident
+from flashmoe.runtime.dist import ExpertParallel
 from flashmoe.runtime.expert_store import ExpertStore
 from flashmoe.runtime.io_pool import IOPool
 from flashmoe.runtime.mlx_worker import MlxWorker
@@ -25,6 +26,7 @@ from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
 from flashmoe.stages.attention import AttentionStage
 from flashmoe.stages.expert_compute import ExpertComputeStage
 from flashmoe.stages.expert_fetch import ExpertFetchStage
+from flashmoe.stages.expert_parallel import ExpertParallelStage
 from flashmoe.stages.messages import Attended, Fetched, Routed, StepStats
 from flashmoe.stages.prefetch import Prefetcher, guess_next
 from flashmoe.stages.proxy_step import ProxyStep
@@ -50,7 +52,7 @@ class Pipeline:
     def __init__(self, resident: Resident, worker: MlxWorker, store: ExpertStore,
                  pools: dict[int, SlotPool], io: IOPool, k: int,
                  dtype: mx.Dtype | None = None, verify: bool = False,
-                 prefetch: bool = False) -> None:
+                 prefetch: bool = False, parallel: ExpertParallel | None = None) -> None:
         self.r, self.worker, self.dtype = resident, worker, dtype
         fam = resident.family
         self.layers = fam.layers(resident.model)
@@ -61,9 +63,12 @@ class Pipeline:
         self.fetch = ExpertFetchStage(store, pools, io, verify)
         self.compute = ExpertComputeStage(worker, fam, pools, quant, resident.proxies)
         self.sampling = SamplingStage(worker)
-        self.prefetch, self.k = prefetch, k
+        self.prefetch, self.k = prefetch and parallel is None, k
         # an MlxLmFamily runs mlx-lm's own forward with proxied experts (no prefetch there)
         self.proxied = ProxyStep(self) if resident.proxies else None
+        # several ranks: each fetches and computes its share, one all_sum per MoE layer
+        self.parallel = parallel and ExpertParallelStage(parallel, worker, self.fetch,
+                                                         self.compute, resident.num_experts)
 
     async def forward(self, ids: list[int], step: StepState,
                       all_logits: bool = False, head: bool = True) -> mx.array | None:
@@ -118,8 +123,11 @@ class Pipeline:
         stats = step.stats
         if step.prefetch is not None:
             await step.prefetch.settle(att.layer, routed.experts, stats)
-        chunks = self.fetch.plan(att.layer, routed.experts)
         act = block.switch_mlp.activation
+        if self.parallel is not None:
+            x = await self.parallel(partial(self._fetch, step), att, routed, act, stats)
+            return lambda: x
+        chunks = self.fetch.plan(att.layer, routed.experts)
         if len(chunks) == 1:
             fetched = await self._fetch(step, att.layer, chunks[0], stats)
             if routed.guess is not None:  # read the next layer's guess while this one computes

@@ -84,6 +84,12 @@ class ProxyStep:
             return
         att = Attended(i, rec.x, rec.x)
         routed = Routed(i, inds, rec.x, experts, None)
+        if p.parallel is not None:  # several ranks: this rank's share, then one all_sum
+            y = await p.parallel.summed(lambda *a: p._fetch(step, *a), att, routed, None,
+                                        step.stats, rec.buffer.dtype)
+            await p.worker.build(_write, rec.buffer, y)
+            rec.buffer = None
+            return
         if len(chunks) > 1:
             step.stats.chunks += len(chunks)
         y = None
@@ -99,7 +105,7 @@ class ProxyStep:
             i = proxy.layer
             pool = self.p.fetch.pools[i]
             rec = records[i] = Record(x, inds)
-            if min(inds.size, self.p.r.num_experts) <= pool.n:
+            if self.p.parallel is None and min(inds.size, self.p.r.num_experts) <= pool.n:
                 return proxy.compute(x, self._table(i)[inds])
             dtype = proxy.compute(x, inds).dtype  # lazy, never evaluated: the output dtype
             rec.buffer = _buffer((*inds.shape, x.shape[-1]), dtype)

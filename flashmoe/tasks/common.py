@@ -40,9 +40,14 @@ def checkpoint_path(cfg: DictConfig) -> Path:
 
 def engine_options(cfg: DictConfig, **extra: Any) -> EngineOptions:
     """The validated config (app.main ran config.validate) mapped onto EngineOptions."""
+    from flashmoe.tasks.dist import parallel_from, run_context
+
     dtype = cfg.hardware.dtype
     if cfg.hardware.device == "gpu" and not gpu_available():
         dtype = "float32"  # the CPU fallback: bf16 activations are ~9x slower there
+    par = parallel_from(cfg)
+    if par is not None:
+        extra = {"parallel": par, "run_context": run_context(cfg), **extra}
     return EngineOptions(
         experts_per_token=cfg.model.experts_per_token, io_split=cfg.io.split,
         io_threads=cfg.io.threads, io_retries=cfg.io.retries, io_direct=cfg.io.direct,
@@ -127,8 +132,16 @@ def token_figures(t: Totals) -> dict:
         "expert_gb_total": round(sum(s.bytes_read for s in t.steps) / 1e9, 6),
         "fetch_gbps": round(read / 1e6 / fetch_ms, 3) if fetch_ms else 0.0,
         "median_token_ms": round(statistics.median(per_tok), 3) if per_tok else 0.0,
-        **prefetch_figures(decode),
+        **prefetch_figures(decode), **allreduce_figures(decode, n),
     }
+
+
+def allreduce_figures(steps: list, n: int) -> dict:
+    """Several ranks: time in the per-layer all_sum (waiting for the slowest rank included)."""
+    if not any("allreduce_ms" in s.extra for s in steps):
+        return {}
+    return {"allreduce_ms_per_token": round(sum(s.extra.get("allreduce_ms", 0.0)
+                                                for s in steps) / n, 3)}
 
 
 def prefetch_figures(steps: list) -> dict:
