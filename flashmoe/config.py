@@ -32,6 +32,7 @@ class HardwareConfig:
     device: str = MISSING  # cpu | gpu
     dtype: str = MISSING  # activations: float32 | bfloat16 | float16
     ssd_gbps: float = MISSING  # documentation of the disk; reported next to achieved GB/s
+    max_batch: int = 8  # task=serve: sequences decoded together (the profile may lower it)
 
 
 @dataclass
@@ -90,6 +91,22 @@ class BenchTask(TaskConfig):
     baseline: str = "none"  # none | mlx_lm
     repeats: int = 3
     prompt: str = BENCH_PROMPT
+    concurrency: Optional[int] = None  # N: N sequences through the batched step (bench_batch)
+
+
+@dataclass
+class ServeTask(TaskConfig):
+    name: str = "serve"
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0: any free port (the URL line says which)
+    api_key: Optional[str] = None  # set: every /v1 request needs `Authorization: Bearer <key>`
+    max_batch: int = II("hardware.max_batch")
+    max_queue: int = 64
+    max_prompt_tokens: int = 4096
+    max_tokens_cap: int = 1024
+    prefill_chunk: int = 512  # prompt tokens per scheduler step (the batch decodes in between)
+    max_body_kb: int = 1024
+    drain_s: float = 30.0  # Ctrl-C/SIGTERM: in-flight requests get this long to finish
 
 
 @dataclass
@@ -149,7 +166,7 @@ GROUP_SCHEMAS: tuple[tuple[str, type], ...] = (
     ("cache", CacheConfig), ("sampling", SamplingConfig), ("task", TaskConfig),
 )
 TASK_SCHEMAS: tuple[type[TaskConfig], ...] = (
-    GenerateTask, BenchTask, PplTask, PackTask, RequantTask, ConvertTask,
+    GenerateTask, BenchTask, ServeTask, PplTask, PackTask, RequantTask, ConvertTask,
 )
 DEVICES = ("cpu", "gpu")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -256,6 +273,9 @@ def _validate_task(cfg: DictConfig, max_context: Optional[int]) -> None:
         _at_least(cfg, "task.warmup", 0)
         _at_least(cfg, "task.repeats", 1)
         _one_of(cfg, "task.baseline", BASELINES)
+        _between(cfg, "task.concurrency", 1, 256) if task.concurrency is not None else None
+    elif task.name == "serve":
+        _validate_serve(cfg)
     elif task.name == "ppl":
         _at_least(cfg, "task.context", 2)
         if max_context is not None:
@@ -276,6 +296,18 @@ def _validate_task(cfg: DictConfig, max_context: Optional[int]) -> None:
     for layer, bits in task.get("layer_bits", {}).items():
         if layer < 0 or bits not in BITS:
             _fail(f"task.layer_bits.{layer}", bits, "needs a layer index >= 0 and bits in 2, 3, 4, 8")
+
+
+def _validate_serve(cfg: DictConfig) -> None:
+    _between(cfg, "task.port", 0, 65535)
+    _between(cfg, "task.max_batch", 1, 256)
+    _at_least(cfg, "task.max_queue", 0)
+    for key in ("task.max_prompt_tokens", "task.max_tokens_cap", "task.prefill_chunk",
+                "task.max_body_kb"):
+        _at_least(cfg, key, 1)
+    _at_least(cfg, "task.drain_s", 0)
+    if cfg.task.api_key is not None and not str(cfg.task.api_key).strip():
+        _fail("task.api_key", "''", "must be a non-empty string, or null for no key")
 
 
 def validate(cfg: DictConfig, *, num_experts: Optional[int] = None, max_context: Optional[int] = None) -> None:
