@@ -35,8 +35,10 @@ class Scheduler:
     def submit(self, seq: Sequence) -> None:
         if self._closing:
             raise QueueFull("the server is shutting down")
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFull(f"{len(self.waiting)} requests are already waiting (task.max_queue)")
+        if len(self.waiting) + self.running >= self.max_batch + self.max_queue:
+            raise QueueFull(f"{self.running} sequences are running and {len(self.waiting)} "
+                            f"waiting (task.max_batch={self.max_batch}, "
+                            f"task.max_queue={self.max_queue})")
         self.waiting.append(seq)
         self._wake.set()
 
