@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test fuzz bench clean
+.PHONY: run test fuzz bench soak serve clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,12 @@ fuzz: $(VENV)/.installed  ## the long fuzzing target (100k+ inputs), not part of
 
 bench: $(VENV)/.installed  ## io.split sweep on the demo, then the table
 	$(BIN)/python -m flashmoe -m task=bench io.split=1,2,4,8 $(ARGS)
+
+soak: $(VENV)/.installed  ## the long server load test: 16 clients x 250 requests
+	$(BIN)/python -m pytest -q -m soak tests/test_serve_load.py $(ARGS)
+
+serve: $(VENV)/.installed  ## the OpenAI-compatible server on http://127.0.0.1:8080 (demo model)
+	$(BIN)/python -m flashmoe task=serve $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
