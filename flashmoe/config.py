@@ -92,6 +92,7 @@ class BenchTask(TaskConfig):
     repeats: int = 3
     prompt: str = BENCH_PROMPT
     concurrency: Optional[int] = None  # N: N sequences through the batched step (bench_batch)
+    verify_solo: bool = True  # concurrency: also run each prompt alone and compare tokens
 
 
 @dataclass
