@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test fuzz bench soak serve clean
+.PHONY: run test fuzz bench soak serve browser clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ soak: $(VENV)/.installed  ## the long server load test: 16 clients x 250 request
 
 serve: $(VENV)/.installed  ## the OpenAI-compatible server on http://127.0.0.1:8080 (demo model)
 	$(BIN)/python -m flashmoe task=serve $(ARGS)
+
+browser:  ## Debian's headless chromium for the chat-page test (skipped when absent)
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+	  || echo "make browser: chromium not installed (needs apt-get as root); the page test will skip"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
