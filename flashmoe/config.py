@@ -274,7 +274,8 @@ def _validate_task(cfg: DictConfig, max_context: Optional[int]) -> None:
         _at_least(cfg, "task.warmup", 0)
         _at_least(cfg, "task.repeats", 1)
         _one_of(cfg, "task.baseline", BASELINES)
-        _between(cfg, "task.concurrency", 1, 256) if task.concurrency is not None else None
+        if task.concurrency is not None:
+            _between(cfg, "task.concurrency", 1, 256)
     elif task.name == "serve":
         _validate_serve(cfg)
     elif task.name == "ppl":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import time
 
 import pytest
@@ -164,3 +165,21 @@ def test_page_and_metrics(server):
                  "flashmoe_expert_read_bytes_total", "flashmoe_cache_hit_rate",
                  "flashmoe_queued_sequences", "flashmoe_active_sequences"):
         assert name in m
+
+
+def test_sigterm_drains_in_flight_stream(tiny, tmp_path):
+    """SIGTERM mid-stream: the stream still runs to its end, then the server exits 0."""
+    srv = start_server(tiny("qwen3_5_moe"), tmp_path / "drain", key=None)
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": srv.model, "prompt": "a b", "max_tokens": 24, "stream": True,
+         "temperature": 1.0, "seed": 7}), {"Content-Type": "application/json"})
+    res = conn.getresponse()
+    res.readline()
+    srv.proc.send_signal(signal.SIGTERM)
+    rest = res.read().decode()
+    conn.close()
+    assert rest.rstrip().endswith("data: [DONE]")
+    assert srv.stop() == 0
+    (summary,) = srv.events("run_summary")
+    assert summary["status"] == "ok" and summary["requests_ok"] == 1
