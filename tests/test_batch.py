@@ -1,6 +1,8 @@
 """The batched decode step is exact: a greedy sequence's tokens do not depend on its batch."""
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from flashmoe.serve.sequence import Sequence
 from tests.reference import flashmoe_greedy
 
 STEPS = 12
+DEVICE = os.environ.get("FLASHMOE_TEST_DEVICE", "cpu")
 FAMILIES = ["qwen3_5_moe", "qwen3_next", "qwen3_moe", "mixtral", "qwen2_moe"]
 
 
@@ -58,7 +61,7 @@ async def test_batch_equals_solo(tiny, family):
     path = tiny(family)
     ps = prompts(8)
     solo = [(await flashmoe_greedy(path, p, STEPS, io_split=2))[0] for p in ps]
-    engine = await Engine.open(path, EngineOptions(io_split=2), tokenizer=False)
+    engine = await Engine.open(path, EngineOptions(io_split=2, device=DEVICE), tokenizer=False)
     try:
         for size, joins in ((1, [0]), (3, [0, 2, 5]), (8, [0, 0, 1, 3, 3, 4, 7, 9])):
             got = await run_batched(engine, ps[:size], joins, STEPS)
@@ -73,7 +76,7 @@ async def test_chunked_prefill_same_tokens(tiny):
     path = tiny("qwen3_5_moe")
     p = prompts(8)[-1]  # 22 tokens
     solo = (await flashmoe_greedy(path, p, STEPS))[0]
-    engine = await Engine.open(path, EngineOptions(), tokenizer=False)
+    engine = await Engine.open(path, EngineOptions(device=DEVICE), tokenizer=False)
     try:
         assert (await run_batched(engine, [p], [0], STEPS, chunk=5))[0] == solo
     finally:

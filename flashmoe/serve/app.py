@@ -39,6 +39,7 @@ class ServeState:
     max_body_bytes: int
     vocab_size: int
     log: Any
+    max_context: int | None = None  # the model's max_position_embeddings
 
 
 def _state(request: Request) -> ServeState:
@@ -88,6 +89,10 @@ def _sequence(st: ServeState, req: GenRequest, rid: str) -> Sequence:
         raise ApiError(400, f"the prompt is {len(ids)} tokens, over task.max_prompt_tokens="
                        f"{st.limits.max_prompt_tokens}; shorten it",
                        "messages" if req.chat else "prompt", code="context_length_exceeded")
+    if st.max_context and len(ids) + req.max_tokens > st.max_context:
+        raise ApiError(400, f"the prompt ({len(ids)} tokens) + max_tokens={req.max_tokens} "
+                       f"exceeds the model's context of {st.max_context} tokens",
+                       "max_tokens", code="context_length_exceeded")
     if any(t < 0 or t >= st.vocab_size for t in ids):
         raise ApiError(400, f"prompt token ids must be in [0, {st.vocab_size})", "prompt")
     sampler = SeqSampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)

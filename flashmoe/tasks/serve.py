@@ -17,7 +17,8 @@ from flashmoe.serve.metrics import Metrics
 from flashmoe.serve.protocol import Defaults, Limits
 from flashmoe.serve.runner import BatchRunner
 from flashmoe.serve.scheduler import Scheduler
-from flashmoe.tasks.common import SYNTHETIC_NOTE, open_engine, run_summary, warn_device
+from flashmoe.tasks.common import (SYNTHETIC_NOTE, max_context, open_engine, run_summary,
+                                   warn_device)
 
 
 class _Server(uvicorn.Server):
@@ -54,7 +55,7 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     st = ServeState(scheduler, metrics, engine.tokenizer, model_id(cfg, engine),
                     Limits(t.max_prompt_tokens, t.max_tokens_cap),
                     Defaults(s.temperature, s.top_p, s.top_k, s.min_p, s.seed),
-                    t.api_key, t.max_body_kb * 1024, _vocab(engine), log)
+                    t.api_key, t.max_body_kb * 1024, _vocab(engine), log, max_context(engine))
     server = _Server(uvicorn.Config(build_app(st), host=t.host, port=t.port, log_config=None,
                                     access_log=False, lifespan="off",
                                     timeout_graceful_shutdown=t.drain_s))
