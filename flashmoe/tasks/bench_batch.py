@@ -6,7 +6,6 @@ every stream's tokens equal the same prompt run alone (task.verify_solo)."""
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
 from omegaconf import DictConfig
