@@ -35,6 +35,7 @@ BATCH_COLUMNS = (
     ("union_experts_per_token", "experts/token after union", "{:.2f}"),
     ("itl_p50_ms", "ITL p50 ms", "{:.0f}"),
     ("itl_p99_ms", "ITL p99 ms", "{:.0f}"),
+    ("cpu_s_per_token", "CPU s/token", "{:.3f}"),
     ("tokens_match_solo", "tokens = solo", "{}"),
     ("peak_rss_gb", "peak RSS GB", "{:.2f}"),
 )

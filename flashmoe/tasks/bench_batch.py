@@ -6,6 +6,7 @@ every stream's tokens equal the same prompt run alone (task.verify_solo)."""
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any
 
 from omegaconf import DictConfig
@@ -65,16 +66,19 @@ async def _batch(runner: BatchRunner, ids: list[list[int]], n: int) -> tuple[dic
         while tok is None:
             tok, _ = await runner.prefill(s)
         s.accept(tok)
-    steps = []
+    steps, cpu0 = [], time.process_time()
     for _ in range(n):
         toks, rep = await runner.decode(seqs)
         for s, tok in zip(seqs, toks):
             s.accept(tok)
         steps.append(rep)
-    return _figures(steps, seqs, runner.engine), [s.generated for s in seqs]
+    figs = _figures(steps, seqs)
+    # CPU seconds of this process per token: robust to other processes sharing the cores
+    figs["cpu_s_per_token"] = round((time.process_time() - cpu0) / max(n * len(seqs), 1), 4)
+    return figs, [s.generated for s in seqs]
 
 
-def _figures(steps: list, seqs: list[Sequence], engine: Engine) -> dict:
+def _figures(steps: list, seqs: list[Sequence]) -> dict:
     n_tok = sum(r.tokens for r in steps)
     secs = sum(r.seconds for r in steps)
     read = sum(r.stats.bytes_read for r in steps)
