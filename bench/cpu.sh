@@ -16,6 +16,6 @@ done
 $FM -m task=bench model=synth model.experts_per_token=4 cache=none task.cold=true \
   io.split=1,2,3,4,5,8 task.tokens=8 task.repeats=2 task.warmup=2 hydra.sweep.dir=$R/split_sweep
 # P4: a 16 GB checkpoint under an 8 GiB memory cgroup, for flashmoe and for mlx-lm
-python -m flashmoe.runtime.cgroup 8 -- $FM task=bench model=synth model.experts_per_token=4 \
+python -m flashmoe.bench.cgroup 8 -- $FM task=bench model=synth model.experts_per_token=4 \
   cache=none hardware.memory_gb=8 hardware.cache_budget_gb=1 task.tokens=8 task.repeats=1 \
   task.baseline=mlx_lm hydra.run.dir=$R/over_memory

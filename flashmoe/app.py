@@ -5,14 +5,17 @@ import asyncio
 import importlib
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from flashmoe.config import validate
+from flashmoe.config_errors import hydra_failure_message
 from flashmoe.errors import FlashMoeError
-from flashmoe.runtime.hardware import resolve_hardware
+from flashmoe.hardware import detect_machine, picked_line, resolve_hardware
+from flashmoe.runtime.backend import Backend, detect, gpu_install_hint
 from flashmoe.runtime.logging import close_logging, setup_logging
 from flashmoe.tasks.common import run_summary
 
@@ -32,14 +35,27 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 def main(cfg: DictConfig) -> int:
     """Entry for one Hydra job; returns the process exit code."""
-    cfg = resolve_hardware(cfg)
+    machine = detect_machine() if cfg.hardware.name == "auto" else None
+    cfg = resolve_hardware(cfg, machine=machine)
     run_dir = run_dir_of(cfg)
-    log = setup_logging(run_dir, level="debug" if cfg.debug else "info")
+    try:
+        log = setup_logging(run_dir, level="debug" if cfg.debug else "info")
+    except OSError as e:  # run_dir=/read-only/place: nowhere to log to
+        print(f"flashmoe: {hydra_failure_message(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    if machine is not None:  # printed with the summary line (an error's one line stays one)
+        log.info("hardware_picked", profile=cfg.hardware.name, chip=machine.chip,
+                 ram_gb=round(machine.ram_gb, 1), gpu=machine.gpu,
+                 gpu_memory_gb=machine.gpu_memory_gb, memory_gb=cfg.hardware.memory_gb,
+                 cache_budget_gb=cfg.hardware.cache_budget_gb)
     state: dict[str, Any] = {}
     status, code, summary = "error", EXIT_ERROR, None
+    backend: Backend | None = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         validate(cfg)
+        backend = detect()
+        print(start_line(cfg, backend), file=sys.stderr)  # the run's first stderr line
         module = importlib.import_module(TASKS[cfg.task.name])
         summary = asyncio.run(_run(module, cfg, log, state))
         status, code = summary.get("status", "ok"), 0
@@ -50,18 +66,25 @@ def main(cfg: DictConfig) -> int:
         print(f"flashmoe: {e}", file=sys.stderr)
         log.error("run_failed", error=str(e), error_type=type(e).__name__)
         if cfg.debug:
-            raise
+            traceback.print_exc()
     except Exception as e:  # a bug of ours: still one line, the traceback in the log
         print(f"flashmoe: internal error ({type(e).__name__}: {e}); the traceback is in "
               f"{run_dir}/flashmoe.jsonl, or run with debug=true", file=sys.stderr)
         log.error("run_failed", error=str(e), error_type=type(e).__name__, exc_info=True)
         if cfg.debug:
-            raise
+            traceback.print_exc()
     finally:
         signal.signal(signal.SIGTERM, previous)
         if summary is None:
-            engine = state.get("engine")
-            summary = run_summary(cfg, engine, engine.totals if engine else None, status)
+            engine, session = state.get("engine"), state.get("session")
+            totals = session.totals if session else engine.totals if engine else None
+            summary = run_summary(cfg, engine, totals, status)
+        if machine is not None:
+            summary["hardware_auto"] = picked_line(cfg, machine)
+        if backend is not None:
+            summary = {**summary, **backend.summary()}
+            if not backend.gpu:
+                summary["device"] = "cpu"
         log.info("run_summary", **summary)
         if status != "error":  # an error's one line is the cause, printed above
             _print_summary(summary, run_dir)
@@ -76,6 +99,14 @@ async def _run(module: Any, cfg: DictConfig, log: Any, state: dict) -> dict:
         engine = state.get("engine")
         if engine is not None:
             await engine.aclose()
+
+
+def start_line(cfg: DictConfig, backend: Backend) -> str:
+    """`flashmoe: MLX 0.32.4 cuda backend (mlx-cuda-13), device gpu: NVIDIA H200 | hardware=h200`;
+    a GPU profile on a build without a GPU adds the command that installs one."""
+    if cfg.hardware.device == "gpu" and not backend.gpu:
+        return f"flashmoe: {backend.line('cpu')} | {gpu_install_hint(backend, cfg.hardware.name)}"
+    return f"flashmoe: {backend.line(cfg.hardware.device)} | hardware={cfg.hardware.name}"
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -94,4 +125,6 @@ def _print_summary(s: dict, run_dir: Path) -> None:
             parts.append(f"{key} {s[key]}")
     if "note" in s:
         parts.append(s["note"])
+    if "hardware_auto" in s:
+        parts.append(s["hardware_auto"])
     print("flashmoe: " + " | ".join(parts) + f" | log {run_dir}/flashmoe.jsonl", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Typed configuration: dataclass schemas in Hydra's ConfigStore, validation, readable errors.
 
-The YAML files under flashmoe/conf extend these schemas through their defaults lists
+The YAML files under conf/ extend these schemas through their defaults lists
 (`defaults: [base_io, _self_]`), so Hydra type-checks every value and rejects unknown keys.
 Sizes in `_gb` keys are GiB (2**30 bytes, as macOS and Linux report RAM); `_gbps` keys are
 decimal GB/s, as disks are specified.
@@ -8,16 +8,17 @@ decimal GB/s, as disks are specified.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, Dict, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
+from flashmoe.conf_dir import available_options, conf_dir
 from flashmoe.config_errors import hydra_error_message
+from flashmoe.constants import (BITS, CACHE_POLICIES, DEVICES, DTYPES, GROUP_SIZES, IO_RETRIES,
+                                IO_SPLIT, IO_THREADS, LAYOUTS)
 from flashmoe.errors import ConfigError
 
-CONF_MODULE = "flashmoe.conf"
 DEFAULT_PROMPT = "Explain in two sentences why a mixture-of-experts model can run from an SSD."
 BENCH_PROMPT = "Write a short story about a lighthouse keeper who collects maps of the sea."
 
@@ -52,6 +53,7 @@ class IOConfig:
     threads: int = II("hardware.io_threads")
     direct: bool = False
     verify: bool = False
+    cuda_copy: bool = False  # CUDA builds: pinned staging + driver copies (opt-in, unmeasured)
     retries: int = 3
     layout: str = "auto"  # auto | original | packed
 
@@ -60,6 +62,7 @@ class IOConfig:
 class CacheConfig:
     policy: str = "lru"
     budget_gb: float = II("hardware.cache_budget_gb")
+    host_budget_gb: float = 0.0  # host-RAM tier behind the slots (runtime/host_tier.py)
     prefetch: bool = False
 
 
@@ -89,6 +92,7 @@ class BenchTask(TaskConfig):
     warmup: int = 4
     cold: bool = False  # drop the checkpoint's page cache before each repeat
     baseline: str = "none"  # none | mlx_lm
+    check: str = "none"  # none | mlx_lm: the timed stream must equal resident mlx-lm's
     repeats: int = 3
     prompt: str = BENCH_PROMPT
     concurrency: Optional[int] = None  # N: N sequences through the batched step (bench_batch)
@@ -105,7 +109,7 @@ class ServeTask(TaskConfig):
     max_queue: int = 64
     max_prompt_tokens: int = 4096
     max_tokens_cap: int = 1024
-    prefill_chunk: int = 512  # prompt tokens per scheduler step (the batch decodes in between)
+    prefill_chunk: int = 2048  # prompt tokens per scheduler step; 2048 = mlx-lm's split (exact)
     max_body_kb: int = 1024
     drain_s: float = 30.0  # Ctrl-C/SIGTERM: in-flight requests get this long to finish
 
@@ -154,7 +158,9 @@ class Config:
     cache: CacheConfig = MISSING
     sampling: SamplingConfig = MISSING
     task: TaskConfig = MISSING
-    prompt: str = DEFAULT_PROMPT
+    prompt: Optional[str] = None  # None: standard input when piped, else DEFAULT_PROMPT (or chat)
+    prompt_file: Optional[str] = None  # read the prompt from this UTF-8 file
+    system: Optional[str] = None  # system message; applies the chat template
     max_tokens: int = 64
     chat: bool = False
     data: Optional[str] = None
@@ -169,14 +175,8 @@ GROUP_SCHEMAS: tuple[tuple[str, type], ...] = (
 TASK_SCHEMAS: tuple[type[TaskConfig], ...] = (
     GenerateTask, BenchTask, ServeTask, PplTask, PackTask, RequantTask, ConvertTask,
 )
-DEVICES = ("cpu", "gpu")
-DTYPES = ("float32", "bfloat16", "float16")
-POLICIES = ("none", "lru", "lfu")
-LAYOUTS = ("auto", "original", "packed")
 BASELINES = ("none", "mlx_lm")
 K_REFERENCES = ("full", "same")
-BITS = (2, 3, 4, 8)
-GROUP_SIZES = (32, 64, 128)
 
 
 def register_configs() -> None:
@@ -187,14 +187,6 @@ def register_configs() -> None:
         cs.store(group=group, name=f"base_{group}", node=schema)
     for schema in TASK_SCHEMAS:
         cs.store(group="task", name=f"base_{schema.name}", node=schema)
-
-
-def available_options(group: str) -> list[str]:
-    """The YAML options of a config group as shipped in the package (schemas excluded)."""
-    folder = resources.files(CONF_MODULE).joinpath(group)
-    if not folder.is_dir():
-        return []
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def model_kind(model: DictConfig) -> str:
@@ -209,12 +201,12 @@ def compose_config(overrides: Sequence[str] = (), *, return_hydra_config: bool =
 
     Hydra's composition errors come back as ConfigError with a one-line message.
     """
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with initialize_config_module(CONF_MODULE, version_base="1.3"):
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
             return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(hydra_error_message(exc)) from exc
@@ -248,7 +240,7 @@ def _check_missing(cfg: DictConfig) -> None:
     if unset:
         raise ConfigError(
             f"{unset[0]} is unset: hardware=auto must be resolved with "
-            "flashmoe.runtime.hardware.resolve_hardware(cfg) before use, or choose a profile: "
+            "flashmoe.hardware.resolve_hardware(cfg) before use, or choose a profile: "
             "hardware=" + "|".join(o for o in available_options("hardware") if o != "auto"))
     if cfg.model.name == "path" and cfg.model.path is None:
         raise ConfigError("model.path is unset: model=path needs model.path=DIR (a checkpoint directory)")
@@ -257,31 +249,30 @@ def _check_missing(cfg: DictConfig) -> None:
         raise ConfigError(f"{missing[0]} is unset; give it a value, e.g. {missing[0]}=...")
 
 
-def _validate_model(cfg: DictConfig, num_experts: Optional[int]) -> None:
+def _validate_model(cfg: DictConfig) -> None:
     _one_of(cfg, "model.bits", BITS)
     for key in ("model.layers", "model.num_experts", "model.vocab_size", "model.experts_per_token"):
         _at_least(cfg, key, 1)
     k = cfg.model.experts_per_token
-    n = num_experts if num_experts is not None else cfg.model.num_experts
+    n = cfg.model.num_experts  # synth knows its count; a checkpoint's is checked at open
     if k is not None and n is not None and k > n:
         _fail("model.experts_per_token", k, f"must be between 1 and {n} (the model's expert count)")
 
 
-def _validate_task(cfg: DictConfig, max_context: Optional[int]) -> None:
+def _validate_task(cfg: DictConfig) -> None:
     task = cfg.task
     if task.name == "bench":
         _at_least(cfg, "task.tokens", 1)
         _at_least(cfg, "task.warmup", 0)
         _at_least(cfg, "task.repeats", 1)
         _one_of(cfg, "task.baseline", BASELINES)
+        _one_of(cfg, "task.check", BASELINES)
         if task.concurrency is not None:
             _between(cfg, "task.concurrency", 1, 256)
     elif task.name == "serve":
         _validate_serve(cfg)
     elif task.name == "ppl":
         _at_least(cfg, "task.context", 2)
-        if max_context is not None:
-            _between(cfg, "task.context", 2, max_context)
         _between(cfg, "task.stride", 1, task.context)
         _one_of(cfg, "task.reference", BASELINES)
         _one_of(cfg, "task.k_reference", K_REFERENCES)
@@ -312,23 +303,22 @@ def _validate_serve(cfg: DictConfig) -> None:
         _fail("task.api_key", "''", "must be a non-empty string, or null for no key")
 
 
-def validate(cfg: DictConfig, *, num_experts: Optional[int] = None, max_context: Optional[int] = None) -> None:
-    """Check ranges and sets Hydra's types cannot express; raise ConfigError naming the key.
-
-    num_experts / max_context come from the checkpoint once it is known; without them the
-    checks that need them are skipped.
-    """
+def validate(cfg: DictConfig) -> None:
+    """The one validation step: ranges and sets Hydra's types cannot express; raise
+    ConfigError naming the key. Limits only a checkpoint knows (its expert count, its
+    context) are checked when it is opened, and named by config_error()."""
     _check_missing(cfg)
     _one_of(cfg, "hardware.device", DEVICES)
     _one_of(cfg, "hardware.dtype", DTYPES)
     _at_least(cfg, "hardware.memory_gb", 0.001)
     _at_least(cfg, "hardware.cache_budget_gb", 0)
-    _between(cfg, "io.split", 1, 64)
-    _between(cfg, "io.threads", 1, 256)
-    _between(cfg, "io.retries", 0, 100)
+    _between(cfg, "io.split", *IO_SPLIT)
+    _between(cfg, "io.threads", *IO_THREADS)
+    _between(cfg, "io.retries", *IO_RETRIES)
     _one_of(cfg, "io.layout", LAYOUTS)
-    _one_of(cfg, "cache.policy", POLICIES)
+    _one_of(cfg, "cache.policy", CACHE_POLICIES)
     _at_least(cfg, "cache.budget_gb", 0)
+    _at_least(cfg, "cache.host_budget_gb", 0)
     if cfg.cache.budget_gb > cfg.hardware.memory_gb:
         _fail("cache.budget_gb", cfg.cache.budget_gb,
               f"must not exceed hardware.memory_gb={cfg.hardware.memory_gb}")
@@ -340,8 +330,8 @@ def validate(cfg: DictConfig, *, num_experts: Optional[int] = None, max_context:
         _fail("sampling.min_p", cfg.sampling.min_p, "must be in [0, 1); 0 disables min-p")
     _at_least(cfg, "sampling.seed", 0)
     _at_least(cfg, "max_tokens", 1)
-    _validate_model(cfg, num_experts)
-    _validate_task(cfg, max_context)
+    _validate_model(cfg)
+    _validate_task(cfg)
 
 
 register_configs()

@@ -1,9 +1,24 @@
-"""One-line messages for Hydra's and OmegaConf's composition errors (key, value, what is valid)."""
+"""One-line messages for Hydra's and OmegaConf's composition errors (key, value, what is valid),
+and engine option errors reworded with the config key that sets the option."""
 from __future__ import annotations
 
 import re
 from dataclasses import fields, is_dataclass
 from typing import Any, Optional
+
+from flashmoe.conf_dir import available_options
+from flashmoe.errors import ConfigError, OptionError
+
+# EngineOptions field -> the config key that sets it (engine errors name fields; users keys)
+CONFIG_KEYS = {
+    "experts_per_token": "model.experts_per_token", "io_split": "io.split",
+    "io_threads": "io.threads", "io_retries": "io.retries", "io_direct": "io.direct",
+    "io_verify": "io.verify", "cuda_copy": "io.cuda_copy", "layout": "io.layout",
+    "cache_policy": "cache.policy",
+    "cache_budget_gb": "cache.budget_gb", "prefetch": "cache.prefetch",
+    "cache_host_budget_gb": "cache.host_budget_gb",
+    "device": "hardware.device", "dtype": "hardware.dtype",
+}
 
 
 def _field_type(schema: Any, key: Any) -> str:
@@ -40,7 +55,7 @@ def hydra_error_message(exc: BaseException) -> str:
 
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and "/" in exc.missing_cfg_file:
         group, _, value = exc.missing_cfg_file.rpartition("/")
-        options = [o for o in exc.options or () if not o.startswith("base_")] or _options(group)
+        options = [o for o in exc.options or () if not o.startswith("base_")] or available_options(group)
         return f"{group}={value} is not an option of {group}; available: {', '.join(options)}"
     if isinstance(exc, OverrideParseException):
         return f"could not parse override {exc.override!r}: {exc.message.splitlines()[0]}"
@@ -53,9 +68,18 @@ def hydra_error_message(exc: BaseException) -> str:
     return " ".join(lines[:2]) or type(exc).__name__
 
 
+def hydra_failure_message(exc: BaseException) -> str:
+    """One line for whatever stopped Hydra before the job ran (composition, run directory)."""
+    from hydra.errors import HydraException
+
+    if isinstance(exc, OSError) and not isinstance(exc, HydraException):  # not MissingConfig
+        where = exc.filename or "the run directory"
+        return (f"cannot write {where} ({exc.strerror or exc}); choose a writable run directory: "
+                "hydra.run.dir=DIR (hydra.sweep.dir=DIR with -m), or run_dir=DIR")
+    return hydra_error_message(exc)
 
 
-def _options(group: str) -> list[str]:
-    from flashmoe.config import available_options
-
-    return available_options(group)
+def config_error(err: OptionError) -> ConfigError:
+    """An engine option error, reworded with the config key that sets the option."""
+    value = str(err.value).lower() if isinstance(err.value, bool) else err.value
+    return ConfigError(f"{CONFIG_KEYS.get(err.option, err.option)}={value} {err.expect}")

@@ -16,3 +16,18 @@ class CheckpointError(FlashMoeError):
 
 class ExpertReadError(FlashMoeError):
     """Reading expert bytes from disk failed after the allowed retries."""
+
+
+class OptionError(ConfigError):
+    """An engine option is out of range, in the engine's own words (EngineOptions fields).
+
+    The CLI names the same value by its config key; flashmoe.config.config_key maps one to
+    the other, so a user of `python -m flashmoe` reads `io.split=0 ...`."""
+
+    def __init__(self, option: str, value: object, expect: str) -> None:
+        super().__init__(f"{option}={value} {expect}")
+        self.option, self.value, self.expect = option, value, expect
+
+
+class WriteError(FlashMoeError):
+    """Writing an output failed (no space, quota, read-only folder, disk error) or would fail."""

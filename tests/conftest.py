@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from flashmoe.synth.tiny import build_tiny
+from tests.fixtures.tiny import build_tiny
+from tests.parity import Trace, mlx_lm_trace
+
+REF_STEPS = 32  # the reference decodes this many tokens once; tests take a prefix
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +30,32 @@ def tiny(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def wide(tiny):
+    """wide(family): expert weight parts of 128 KiB, twice io_pool.MIN_CHUNK, so io.split
+    really cuts each read in two (the tiny fixtures' parts are at most 24 KiB: never cut)."""
+    def make(family: str = "qwen3_moe", **overrides) -> Path:
+        key = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+        return tiny(family, **{"hidden_size": 256, key: 1024, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """reference(path, prompt, n=32, upcast=False) -> mlx-lm's Trace, computed once a session."""
+    done: dict[tuple, Trace] = {}
+
+    def get(path: Path, prompt: list[int], n: int = REF_STEPS, upcast: bool = False) -> Trace:
+        assert n <= REF_STEPS
+        key = (str(path), tuple(prompt), upcast)
+        if key not in done:
+            done[key] = mlx_lm_trace(path, prompt, REF_STEPS, upcast)
+        return done[key].head(n)
+
+    return get
+
+
 def with_k(src: Path, dst: Path, k: int) -> Path:
     """A copy of a checkpoint whose config asks mlx-lm for k experts per token."""
     shutil.copytree(src, dst)
@@ -34,3 +63,12 @@ def with_k(src: Path, dst: Path, k: int) -> Path:
     (cfg.get("text_config", cfg))["num_experts_per_tok"] = k
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
+
+
+START_LINE = "flashmoe: MLX "  # app.start_line: backend and device, first line of a started run
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr lines after the start line that every run printing past validation begins with."""
+    lines = stderr.strip().splitlines()
+    return lines[1:] if lines and lines[0].startswith(START_LINE) else lines

@@ -12,15 +12,15 @@ def mlx_lm_greedy(path: Path, prompt: list[int], n: int,
                   upcast: bool = False) -> tuple[list[int], np.ndarray]:
     """mlx-lm's own generate_step (greedy); returns tokens and the prompt's last logits.
 
-    upcast: widen bf16 params to f32 first (what flashmoe's hardware.dtype=float32 does)."""
-    from mlx.utils import tree_map
+    upcast: widen bf16/f16 params to f32 first (what flashmoe's hardware.dtype=float32 does)."""
     from mlx_lm import load
+
+    from flashmoe.models.loader import widen_to_f32
     from mlx_lm.generate import generate_step
 
     model, _ = load(str(path))
     if upcast:
-        model.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype == mx.bfloat16 else p,
-                              model.parameters()))
+        widen_to_f32(model)
     last = np.array(model(mx.array([prompt]))[0, -1].astype(mx.float32))
     toks = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n,
                                              sampler=lambda lp: mx.argmax(lp, axis=-1))]
@@ -39,3 +39,26 @@ async def flashmoe_greedy(path: Path, prompt: list[int], n: int, **opts):
     finally:
         await engine.aclose()
     return toks, last, engine
+
+
+def expert_nbytes(path: Path) -> tuple[int, int]:
+    """Bytes of one routed expert in layer 0, and the checkpoint's experts per token."""
+    import json
+
+    from flashmoe.checkpoints.safetensors_index import CheckpointIndex
+
+    cfg = json.loads((path / "config.json").read_text())
+    text = cfg.get("text_config") or cfg
+    n = text.get("num_experts") or text.get("num_local_experts")
+    layer0 = sum(t.nbytes for name, t in CheckpointIndex.open(path).tensors.items()
+                 if ".layers.0." in name and (".switch_mlp." in name or ".experts." in name))
+    return layer0 // n, int(text["num_experts_per_tok"])
+
+
+def assert_same(ref, got) -> None:
+    """Greedy tokens identical and last-position logits within the parity tolerance."""
+    ref_toks, ref_last = ref
+    toks, last = got[0], got[1]
+    assert toks == ref_toks
+    rel = np.abs(last - ref_last).max() / np.abs(ref_last).max()
+    assert rel < 1e-3, f"last-position logits differ by {rel:.2e} relative"

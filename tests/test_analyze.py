@@ -39,7 +39,7 @@ def make_run(path: Path, overrides: list[str], summaries: list[dict[str, Any]],
     lines = [{"event": "run_started", "timestamp": "2026-11-28T22:10:05Z"}]
     lines += [
         {"event": "token_sampled", "timestamp": "t", "token_id": 7, "position": i,
-         "attention_ms": 1.0, "router_ms": 0.1, "expert_fetch_ms": 5.0,
+         "device_trip_ms": 1.0, "route_host_ms": 0.1, "expert_fetch_ms": 5.0,
          "expert_compute_ms": 2.0, "sampling_ms": 0.1, "bytes_read": 1000, "experts_fetched": 4}
         for i in range(tokens)
     ]

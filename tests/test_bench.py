@@ -20,7 +20,7 @@ def test_bench_summary_and_sweep_analysis(tiny, tmp_path):
     path = tiny("qwen3_5_moe")
     args = [sys.executable, "-m", "flashmoe", "-m", "task=bench", f"model.path={path}",
             "hardware=linux_cpu", "cache=none", "io.split=1,2", "task.tokens=6", "task.repeats=2",
-            "task.baseline=mlx_lm", "hydra.sweep.dir=sweep"]
+            "task.baseline=mlx_lm", "task.check=mlx_lm", "hydra.sweep.dir=sweep"]
     out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     runs = [tmp_path / "sweep" / n for n in ("0", "1")]
@@ -31,6 +31,7 @@ def test_bench_summary_and_sweep_analysis(tiny, tmp_path):
         assert s["tok_s"] > 0 and s["fetch_vs_probe"] > 0 and s["probe_gbps"] > 0
         assert s["expert_gb_per_token"] > 0 and 0 <= s["cache_hit_rate"] <= 1
         assert s["baseline_status"] == "ok" and s["baseline_tok_s"] > 0 and s["vs_baseline"] > 0
+        assert s["tokens_match"] is True and s["check_status"] == "ok"
     table = subprocess.run([sys.executable, "-m", "flashmoe.analyze", "sweep"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
@@ -45,7 +46,7 @@ def test_probe_replays_direct_io_reads(tmp_path):
     """The probe must replay O_DIRECT descriptors too (aligned buffers), as io.direct uses."""
     import os
 
-    from flashmoe.runtime.probe import probe
+    from flashmoe.bench.probe import probe
 
     f = tmp_path / "blob"
     f.write_bytes(os.urandom(3 * 4096))
@@ -60,6 +61,23 @@ def test_probe_replays_direct_io_reads(tmp_path):
     finally:
         os.close(fd)
     assert res.bytes_read == 16384 and res.gbps > 0
+
+
+def test_check_refuses_a_speed_for_other_tokens():
+    """task.check=mlx_lm: a timed stream that leaves mlx-lm's is an error, not a speed."""
+    import pytest
+
+    from flashmoe.tasks.bench import BenchCheckError, check_tokens
+
+    ok = {"status": "ok", "token_ids": [5, 6, 7, 8]}
+    assert check_tokens([[5, 6, 7, 8], [5, 6, 7, 8]], ok)["tokens_match"] is True
+    with pytest.raises(BenchCheckError, match="repeat 2: generated token 2 is 9 but resident "
+                                              "mlx-lm gives 7"):
+        check_tokens([[5, 6, 7, 8], [5, 6, 9, 8]], ok)
+    with pytest.raises(BenchCheckError, match="token 3"):
+        check_tokens([[5, 6, 7]], ok)
+    skipped = check_tokens([[1]], {"status": "oom", "limit": "8G"})
+    assert skipped["tokens_match"] is None and skipped["check_status"] == "oom"
 
 
 def test_bench_concurrency_sweep(tiny, tmp_path):

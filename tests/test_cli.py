@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-TOKEN_KEYS = {"token_id", "position", "attention_ms", "router_ms", "expert_fetch_ms",
+from tests.conftest import error_lines
+
+TOKEN_KEYS = {"token_id", "position", "device_trip_ms", "route_host_ms", "expert_fetch_ms",
               "expert_compute_ms", "sampling_ms", "bytes_read", "experts_fetched"}
 SUMMARY_KEYS = {"tok_s", "ttft_s", "expert_io_ms_per_token", "expert_gb_per_token", "peak_rss_gb",
                 "io_split", "io_threads", "hardware", "experts_per_token", "status"}
@@ -18,7 +20,7 @@ SUMMARY_KEYS = {"tok_s", "ttft_s", "expert_io_ms_per_token", "expert_gb_per_toke
 
 def flashmoe(cwd: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flashmoe", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def events(run_dir: Path) -> list[dict]:
@@ -55,13 +57,19 @@ def test_single_run_streams_only_text(tiny, tmp_path):
 
 
 def test_multirun_writes_one_run_dir_per_value(tiny, tmp_path):
+    from mlx_lm.utils import load_tokenizer
+
     path = tiny("qwen3_5_moe")
     out = flashmoe(tmp_path, "-m", f"model.path={path}", "hardware=linux_cpu", "io.split=1,2",
-                   "max_tokens=6")
+                   "max_tokens=6", "prompt=Hello, world")  # the split sweeps, not the prompt
     assert out.returncode == 0, out.stderr
     runs = run_dirs(tmp_path / "runs" / "multirun")
     assert [r.name for r in runs] == ["0", "1"]
     assert check_run(runs[0], 1) == check_run(runs[1], 2)  # same greedy tokens either way
+    hello = load_tokenizer(path).encode("Hello, world")
+    for run in runs:
+        (started,) = [e for e in events(run) if e["event"] == "generation_started"]
+        assert started["prompt_token_ids"] == hello
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -76,7 +84,7 @@ def test_bad_values_one_line_no_traceback(tmp_path, args, needle):
     out = flashmoe(tmp_path, *args)
     assert out.returncode != 0
     assert "Traceback" not in out.stderr + out.stdout
-    lines = out.stderr.strip().splitlines()
+    lines = error_lines(out.stderr)
     assert len(lines) == 1 and lines[0].startswith("flashmoe: ") and needle in lines[0], lines
     assert out.stdout == ""
 
@@ -123,7 +131,7 @@ def test_ctrl_c_writes_interrupted_summary(tiny, tmp_path):
         assert code is not None, "hung twice after Ctrl-C; first dump:\n" + first[-4000:]
         import warnings
 
-        warnings.warn("a Ctrl-C hung once (retried); thread dump:\n" + first[-4000:])
+        warnings.warn("a Ctrl-C hung once (retried); thread dump:\n" + first[-4000:], stacklevel=1)
     assert code == 130, err
     assert log is not None
     (summary,) = [e for e in events(log.parent) if e["event"] == "run_summary"]
@@ -137,11 +145,11 @@ def test_empty_prompt_and_missing_tokenizer_one_line(tiny, tmp_path):
     path = tiny("qwen3_5_moe")
     out = flashmoe(tmp_path, f"model.path={path}", "hardware=linux_cpu", "prompt=")
     assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines() == [
+    assert error_lines(out.stderr) == [
         'flashmoe: prompt is empty (0 tokens); give some text, e.g. prompt="Hello"']
     bare = tmp_path / "no_tokenizer"
     shutil.copytree(path, bare)
     (bare / "tokenizer.json").unlink()
     out = flashmoe(tmp_path, f"model.path={bare}", "hardware=linux_cpu")
-    lines = out.stderr.strip().splitlines()
+    lines = error_lines(out.stderr)
     assert out.returncode != 0 and len(lines) == 1 and "no tokenizer.json" in lines[0], lines

@@ -7,18 +7,16 @@ import logging
 import platform
 import re
 import time
-from importlib import resources
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from flashmoe.config import (
-    CONF_MODULE, available_options, compose_config, hydra_error_message, model_kind, validate,
-)
+from flashmoe.conf_dir import available_options, conf_dir
+from flashmoe.config import compose_config, hydra_error_message, model_kind, validate
 from flashmoe.errors import ConfigError
-from flashmoe.runtime.hardware import cuda_available, detect_profile, load_profile, resolve_hardware
+from flashmoe.hardware import cuda_available, detect_profile, load_profile, resolve_hardware
 from flashmoe.runtime.logging import LOG_FILE, close_logging, setup_logging
 from flashmoe.runtime.memory import RssSampler, current_rss_gb, peak_rss_gb, total_memory_gb
 
@@ -40,7 +38,7 @@ def test_groups_ship_the_expected_options() -> None:
 
 def test_every_hardware_and_task_composes_and_validates() -> None:
     # One Hydra initialisation for all 36 compositions: each compose costs ~0.2 s here.
-    with initialize_config_module(CONF_MODULE, version_base="1.3"):
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         for hw, task in itertools.product(HARDWARE, TASKS):
             cfg = resolve_hardware(compose("config", overrides=[f"hardware={hw}", f"task={task}"]))
             validate(cfg)
@@ -79,6 +77,22 @@ def test_auto_resolves_and_keeps_user_overrides() -> None:
 @pytest.mark.skipif(platform.system() != "Linux" or cuda_available(), reason="the CPU dev machine")
 def test_detect_profile_on_this_machine() -> None:
     assert detect_profile() == "linux_cpu"
+
+
+def test_auto_scales_the_profile_to_the_machine() -> None:
+    from flashmoe.hardware import Machine, picked_line
+
+    gpu = Machine("Linux", "x86_64", "AMD EPYC", 128.0, "NVIDIA H200", 139.8)
+    cfg = resolve_hardware(compose_config([]), machine=gpu)
+    validate(cfg)
+    h200 = load_profile("h200")
+    assert cfg.hardware.name == "h200" and cfg.hardware.memory_gb == 139.8
+    assert cfg.hardware.cache_budget_gb == round(139.8 * h200.cache_budget_gb / h200.memory_gb, 1)
+    assert "picked h200 for AMD EPYC (NVIDIA H200, 140 GiB GPU memory" in picked_line(cfg, gpu)
+    mac = Machine("Darwin", "arm64", "Apple M4 Pro", 64.0)
+    cfg = resolve_hardware(compose_config(["hardware.memory_gb=32"]), machine=mac)
+    assert cfg.hardware.name == "m4pro"  # the chip, not the RAM (64 would say m3max)
+    assert cfg.hardware.memory_gb == 32 and cfg.hardware.cache_budget_gb == round(32 * 4 / 24, 1)
 
 
 @pytest.mark.parametrize("system,machine,memory,cuda,expected", [
@@ -128,14 +142,18 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
         validate(cfg)
 
 
-def test_checkpoint_dependent_limits() -> None:
-    cfg = _ok("model.experts_per_token=10")
-    validate(cfg, num_experts=512)
-    with pytest.raises(ConfigError, match="model.experts_per_token=10 must be between 1 and 8"):
-        validate(cfg, num_experts=8)
-    ppl = _ok("task=ppl")
-    with pytest.raises(ConfigError, match="task.context=512 must be between 2 and 256"):
-        validate(ppl, max_context=256)
+async def test_checkpoint_dependent_limits(tiny) -> None:
+    """The engine checks against the checkpoint in its own words; the CLI names the key."""
+    from flashmoe.engine import Engine, EngineOptions
+    from flashmoe.errors import OptionError
+    from flashmoe.tasks.common import open_engine
+
+    path = tiny("qwen3_moe")  # 16 experts
+    with pytest.raises(OptionError, match="^experts_per_token=20 must be between 1 and 16"):
+        await Engine.open(path, EngineOptions(experts_per_token=20), tokenizer=False)
+    cfg = _ok(f"model.path={path}", "model.experts_per_token=20")
+    with pytest.raises(ConfigError, match="^model.experts_per_token=20 must be between 1 and 16"):
+        await open_engine(cfg)
     synth = resolve_hardware(compose_config(
         ["hardware=linux_cpu", "model=synth", "model.num_experts=4", "model.experts_per_token=5"]))
     with pytest.raises(ConfigError, match="model.experts_per_token=5 must be between 1 and 4"):
@@ -180,7 +198,7 @@ def test_hydra_settings_keep_stdout_clean() -> None:
 
 
 def test_yaml_files_stay_small() -> None:
-    for path in Path(str(resources.files(CONF_MODULE))).rglob("*.yaml"):
+    for path in conf_dir().rglob("*.yaml"):
         assert 5 <= len(path.read_text().splitlines()) <= 25, path
 
 
@@ -193,7 +211,9 @@ def test_logging_writes_json_lines_and_switches_run_dir(tmp_path: Path, capsys) 
         log = setup_logging(tmp_path / "a")
         log.info("token_sampled", token=7, elapsed_ms=1.5, path=tmp_path)
         log.warning("cache_thrashed", hit_rate=0.1)
-        first = logging.getLogger("flashmoe").handlers[0]
+        # the file handler (an earlier in-process run may have left a console handler first)
+        first = next(h for h in logging.getLogger("flashmoe").handlers
+                     if isinstance(h, logging.FileHandler))
         setup_logging(tmp_path / "b", run_id="job-1")
         log.info("run_finished")  # a logger made before the switch follows the new file
         assert first.stream is None  # FileHandler.close() dropped its stream
@@ -217,3 +237,19 @@ def test_memory_accounting() -> None:
         time.sleep(0.05)  # so keep it alive while the sampler thread looks
         del block
     assert sampler.growth_gb > 0.04
+
+
+def test_every_engine_option_has_its_config_key() -> None:
+    """An engine error on any option reads, on the CLI, with the key that sets it."""
+    from dataclasses import fields
+
+    from flashmoe.config_errors import CONFIG_KEYS, config_error
+    from flashmoe.engine import EngineOptions
+    from flashmoe.errors import OptionError
+
+    hooks = {"reader", "on_io_retry"}  # callables for tests, not config
+    assert set(CONFIG_KEYS) == {f.name for f in fields(EngineOptions)} - hooks
+    for option, key in CONFIG_KEYS.items():
+        assert str(config_error(OptionError(option, True, "x"))) == f"{key}=true x"
+    with pytest.raises(OptionError, match="^io_split=0 must be between 1 and 64$"):
+        EngineOptions(io_split=0).check()

@@ -8,17 +8,18 @@ import pytest
 from flashmoe.engine import Engine, EngineOptions
 from flashmoe.runtime.io_pool import PAGE, ReadJob, split_job
 from flashmoe.stages.messages import StepStats
-
-WIDE = {"hidden_size": 256, "moe_intermediate_size": 192, "intermediate_size": 256}
+from tests.hostile import SlowReader
 
 
 @pytest.mark.parametrize("split", [1, 3, 5, 8])
-async def test_fetched_slots_match_mlx_lm_tensors(tiny, split):
+async def test_fetched_slots_match_mlx_lm_tensors(wide, split):
+    """Through reads cut in pieces (128 KiB weight parts) the slots hold mlx-lm's exact bytes."""
     from mlx_lm import load
 
-    path = tiny("qwen3_moe", **WIDE)
+    path = wide("qwen3_moe")
     model, _ = load(str(path))
-    engine = await Engine.open(path, EngineOptions(io_split=split, io_threads=3,
+    reader = SlowReader(max_ms=0, scribble=True, short=False)  # scribbled first: no stale pass
+    engine = await Engine.open(path, EngineOptions(io_split=split, io_threads=3, reader=reader,
                                                    cache_budget_gb=1.0), tokenizer=False)
     try:
         for li, le in engine.resident.experts.items():
@@ -36,6 +37,7 @@ async def test_fetched_slots_match_mlx_lm_tensors(tiny, split):
             engine.pools[li].release(fetched.grant)
     finally:
         await engine.aclose()
+    assert (max(reader.sizes) == 128 * 1024) == (split == 1)  # split > 1 cut every weight part
 
 
 @pytest.mark.parametrize("offset", [0, 1, 4095, 4096, 12345])

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import error_lines
 from flashmoe.engine import Engine, EngineOptions
 from flashmoe.errors import ConfigError, ExpertReadError
 from flashmoe.runtime.io_pool import IOPool, ReadJob
@@ -117,7 +118,7 @@ async def test_persistent_eio_ends_run_without_tokens_after_fault(clean):
     reader = FaultyReader(fail=lambda n: n > clean.reads_mid)
     out = await generate(clean.path, reader, io_retries=3)
     assert isinstance(out.error, ExpertReadError)
-    assert "Input/output error after 4 attempt(s) (io.retries=3)" in str(out.error)
+    assert "Input/output error after 4 attempt(s) (3 retries allowed)" in str(out.error)
     assert "no token was computed from partial bytes" in str(out.error)
     assert 0 < len(out.tokens) < STEPS and out.tokens == clean.tokens[:len(out.tokens)]
     assert not any(out.faulted_before)  # the token being computed at the fault never came out
@@ -210,7 +211,7 @@ def test_app_truncated_after_open_status_error(clean, tmp_path, monkeypatch, cap
                    lambda engine: os.truncate(shard, end))
     out, err = capsys.readouterr()
     assert code == 1 and out == ""
-    lines = err.strip().splitlines()
+    lines = error_lines(err)
     assert len(lines) == 1 and lines[0].startswith("flashmoe: reading layer "), lines
     (summary,) = [e for e in events(tmp_path / "run") if e["event"] == "run_summary"]
     assert summary["status"] == "error"
@@ -220,7 +221,7 @@ def test_app_persistent_eio_status_error_and_retries_logged(clean, tmp_path, mon
     reader = FaultyReader(fail=lambda n: n > 2)  # the prompt's reads fail: no token at all
     code = run_app(clean.path, tmp_path / "run", monkeypatch, reader=reader)
     out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
+    lines = error_lines(err)
     assert code == 1 and len(lines) == 1 and "Input/output error" in lines[0], lines
     evs = events(tmp_path / "run")
     retried = [e for e in evs if e["event"] == "expert_read_retried"]
@@ -291,8 +292,8 @@ def test_unexpected_error_is_one_line_and_logged(tiny, tmp_path, monkeypatch, ca
         raise RuntimeError("simulated bug")
 
     code = run_app(tiny("qwen3_5_moe"), tmp_path / "run", monkeypatch, opened=broken)
-    err = [l for l in capsys.readouterr().err.strip().splitlines()
-           if not l.startswith("[INFO]")]  # the fixture build's mlx-lm note
+    err = error_lines("\n".join(l for l in capsys.readouterr().err.splitlines()
+                                 if not l.startswith("[INFO]")))  # the fixture build's note
     assert code != 0
     assert len(err) == 1 and err[0].startswith("flashmoe: internal error (RuntimeError: simulated")
     evs = events(tmp_path / "run")

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from flashmoe.runtime.safetensors_index import CheckpointIndex
+from flashmoe.checkpoints.safetensors_index import CheckpointIndex
 
 BIG_EXPERTS = {"hidden_size": 512, "moe_intermediate_size": 512, "intermediate_size": 512,
                "num_experts": 64, "num_hidden_layers": 4}

@@ -21,10 +21,11 @@ from typing import Callable
 
 import pytest
 
+from tests.conftest import error_lines
 from flashmoe.engine import Engine, EngineOptions
 from flashmoe.errors import CheckpointError
-from flashmoe.runtime.safetensors_index import CheckpointIndex
-from flashmoe.runtime.validate import validate_checkpoint
+from flashmoe.checkpoints.safetensors_index import CheckpointIndex
+from flashmoe.checkpoints.validate import validate_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD = "model.safetensors"
@@ -188,7 +189,7 @@ def test_validation_reads_headers_only(broken):
 
 
 def test_validate_checkpoint_names_file_tensor_and_expectation(tiny):
-    from flashmoe.runtime.validate import ParamSpec, index_params
+    from flashmoe.checkpoints.validate import ParamSpec, index_params
 
     index = CheckpointIndex.open(tiny("qwen3_moe"))
     have = index_params(index)
@@ -214,7 +215,7 @@ def serve_cli() -> None:
     The child is the real entry point (runpy of flashmoe/__main__.py, real argv, real fds 1/2);
     only the imports were done once, before the fork.
     """
-    import hydra, flashmoe.app, flashmoe.cli, flashmoe.tasks.generate  # noqa: F401 (warm up)
+    import hydra, flashmoe.app, flashmoe.cli, flashmoe.tasks.generate  # noqa: E401, F401 (warm up)
 
     cases, running, codes = json.load(sys.stdin), {}, {}
     for i, case in enumerate(cases + [None] * 2):  # two at a time: the machine has two cores
@@ -234,6 +235,8 @@ def _run_child(case: dict) -> None:
     os.chdir(case["cwd"])
     for fd, name in ((1, "stdout"), (2, "stderr")):
         os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    os.dup2(os.open(case.get("stdin", os.devnull), os.O_RDONLY), 0)  # `< file`, or no input
+    sys.stdin = open(0, encoding="utf-8", closefd=False)
     sys.argv, code = ["flashmoe", *case["args"]], 0
     try:
         runpy.run_module("flashmoe", run_name="__main__", alter_sys=True)
@@ -253,9 +256,11 @@ def run_cli_cases(jobs: list[dict]) -> list[int]:
         codes = []
         for job in jobs:
             with open(Path(job["cwd"]) / "stdout", "w") as out, \
-                 open(Path(job["cwd"]) / "stderr", "w") as err:
+                 open(Path(job["cwd"]) / "stderr", "w") as err, \
+                 open(job.get("stdin", os.devnull)) as inp:
                 codes.append(subprocess.run([sys.executable, "-m", "flashmoe", *job["args"]],
-                                            cwd=job["cwd"], stdout=out, stderr=err).returncode)
+                                            cwd=job["cwd"], stdout=out, stderr=err,
+                                            stdin=inp).returncode)
         return codes
     server = "import tests.test_reliability as t; t.serve_cli()"
     out = subprocess.run([sys.executable, "-c", server], cwd=REPO, input=json.dumps(jobs),
@@ -319,7 +324,7 @@ def assert_one_clear_line(result: tuple[int, str, str], needles: tuple[str, ...]
     code, stdout, stderr = result
     assert code not in (0, 99), (code, stderr)
     assert "Traceback" not in stdout + stderr and stdout == "", stdout + stderr
-    lines = stderr.strip().splitlines()
+    lines = error_lines(stderr)
     assert len(lines) == 1 and lines[0].startswith("flashmoe: "), lines
     for needle in needles:
         assert needle in lines[0], lines[0]

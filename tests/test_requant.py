@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from flashmoe.errors import CheckpointError, ConfigError
-from flashmoe.synth.tiny import build_tiny
-from flashmoe.tools.requant import requant
+from tests.fixtures.tiny import build_tiny
+from flashmoe.checkpoints.requant import requant
 
 EXPERT = re.compile(r"^(.*layers\.(\d+)\..*switch_mlp\.(?:gate|up|down)_proj)\."
                     r"(weight|scales|biases)$")

@@ -19,7 +19,7 @@ class Report:
 
 
 class FakeRunner:
-    """Prefill takes ceil(len/CHUNK) calls; every token is 7. Records the calls."""
+    """Prefill takes ceil((len - 1)/CHUNK) calls; every token is 7. Records the calls."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[str, ...]]] = []
@@ -28,7 +28,9 @@ class FakeRunner:
         await asyncio.sleep(0)
         seq.prefilled += CHUNK
         self.calls.append(("prefill", (seq.request_id,)))
-        return (7 if seq.prefilled >= len(seq.prompt) else None), Report("prefill", 1)
+        ready = seq.prefilled >= len(seq.prompt) - 1
+        seq.last = seq.prompt[-1] if ready else None
+        return ready, Report("prefill", 1)
 
     async def decode(self, seqs):
         await asyncio.sleep(0.001)
@@ -63,7 +65,7 @@ async def test_long_prompt_prefills_between_decode_steps():
     sch.submit(a)
     while not any(c[0] == "decode" for c in runner.calls):
         await asyncio.sleep(0.001)
-    b = seq("b", 3 * CHUNK, 2)  # three chunks
+    b = seq("b", 3 * CHUNK + 1, 2)  # three chunks, then its last token decodes
     sch.submit(b)
     assert await drain(b) == "length" and await drain(a) == "length"
     await sch.close()

@@ -19,9 +19,9 @@ import mlx.nn as nn  # noqa: E402
 
 from flashmoe.errors import ConfigError  # noqa: E402
 from flashmoe.synth.tokenizer import english_text  # noqa: E402
-from flashmoe.tools.gguf_weights import read_gguf  # noqa: E402
-from flashmoe.tools.moefy import moe_spec  # noqa: E402
-from flashmoe.tools.smollm2 import convert_smollm2, smollm2_gguf  # noqa: E402
+from flashmoe.checkpoints.convert.gguf_weights import read_gguf  # noqa: E402
+from flashmoe.checkpoints.convert.moefy import moe_spec  # noqa: E402
+from flashmoe.checkpoints.convert.smollm2 import convert_smollm2, smollm2_gguf  # noqa: E402
 
 PPL_TOKENS = 128  # ~25 s per model on two shared CPU cores (256 tokens: ~60 s)
 PROMPT = "The capital of France is"
@@ -129,7 +129,7 @@ def test_tokenizer_matches_llama_cpp(tmp_path: Path) -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
     from transformers import PreTrainedTokenizerFast
 
-    from flashmoe.tools.gguf_tokenizer import write_gguf_tokenizer
+    from flashmoe.checkpoints.convert.gguf_tokenizer import write_gguf_tokenizer
 
     _, meta = mx.load(str(smollm2_gguf()), return_metadata=True)
     write_gguf_tokenizer(meta, tmp_path)

@@ -156,7 +156,7 @@ def test_cache_reuses_and_ignores_half_built(tmp_path, monkeypatch):
 
     def builder(p: Path) -> None:
         calls.append(p)
-        p.mkdir()
+        p.mkdir(exist_ok=True)
         (p / "model.safetensors").write_bytes(b"x")
 
     key = cache_key("toy", {"n": 1})
@@ -172,7 +172,7 @@ def test_cache_reuses_and_ignores_half_built(tmp_path, monkeypatch):
 
 def test_cache_failed_build_leaves_nothing(tmp_path):
     def builder(p: Path) -> None:
-        p.mkdir()
+        p.mkdir(exist_ok=True)
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
@@ -215,7 +215,7 @@ def test_cache_concurrent_builders_build_once(tmp_path):
     def builder(p: Path) -> None:
         calls.append(p)
         time.sleep(0.2)  # long enough for the other thread to queue on the lock
-        p.mkdir()
+        p.mkdir(exist_ok=True)
 
     results = []
     threads = [threading.Thread(target=lambda: results.append(

@@ -10,6 +10,7 @@ import mlx.core as mx
 from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
 
 Quant = Mapping[str, tuple[int, int, str]]  # proj -> (bits, group_size, mode)
+SORT_MIN_PAIRS = 64  # mlx-lm SwitchGLU sorts (token, k) pairs by expert from this many on
 
 
 def switch_linear(x: mx.array, w: Mapping[str, mx.array], proj: str, idx: mx.array,
@@ -27,7 +28,7 @@ def gather_experts(x: mx.array, slots: mx.array, w: Mapping[str, mx.array], quan
                    activation: Callable[[mx.array, mx.array], mx.array]) -> mx.array:
     """SwitchGLU forward: x [..., D], slots [..., k] → [..., k, D] (mirrors mlx-lm exactly)."""
     x = mx.expand_dims(x, (-2, -3))
-    do_sort = slots.size >= 64
+    do_sort = slots.size >= SORT_MIN_PAIRS
     idx, inv_order = slots, None
     if do_sort:
         x, idx, inv_order = _gather_sort(x, slots)

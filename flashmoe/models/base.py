@@ -16,6 +16,8 @@ class Family:
     """Adapter over one mlx-lm architecture (subclass per model_type)."""
 
     model_types: tuple[str, ...] = ()
+    proxy = False  # True: mlx-lm's own forward with proxied experts (MlxLmFamily)
+    batchable = True  # the batched decode step walks layers through this adapter
     moe_attr = "mlp"  # attribute of a decoder layer holding the sparse MoE block
 
     # ---- structure -------------------------------------------------------------------
@@ -107,3 +109,32 @@ class HybridFamily(Family):
     def attention(self, layer: nn.Module, x: mx.array, mask: Any, cache: Any) -> mx.array:
         attn = layer.linear_attn if layer.is_linear else layer.self_attn
         return x + attn(layer.input_layernorm(x), mask, cache)
+
+
+class MlxLmFamily(Family):
+    """A family run as mlx-lm's own model forward, its SwitchGLU/SwitchMLP replaced by an
+    ExpertProxy (models/proxy.py, stages/proxy_step.py): only where its config keeps the
+    expert counts is family-specific. Not (yet) on the batched decode path, which walks
+    layers through the hand-written adapters above."""
+
+    proxy = True
+    batchable = False  # one sequence per step (stages/proxy_step.py); see README's table
+
+    def __init__(self, model_types: tuple[str, ...], experts_key: str = "num_experts",
+                 k_key: str = "num_experts_per_tok") -> None:
+        self.model_types, self.experts_key, self.k_key = model_types, experts_key, k_key
+
+    def num_experts(self, config: dict) -> int:
+        return int(self.text_config(config)[self.experts_key])
+
+    def experts_per_token(self, config: dict) -> int:
+        return int(self.text_config(config)[self.k_key])
+
+    def with_k(self, config: dict, k: int) -> dict:
+        """mlx-lm `model_config` overrides that make the model's own router pick k experts."""
+        if "text_config" in config:
+            return {"text_config": {**config["text_config"], self.k_key: k}}
+        return {self.k_key: k}
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.layers)

@@ -1,7 +1,9 @@
 """Where each routed expert's bytes live: (layer, expert) → byte ranges in the checkpoint.
 
-Expert e of a stacked tensor [E, ...] is the contiguous range start + e*row .. + row, so an
-expert is 9 ranges (gate/up/down × weight/scales/biases) in the original safetensors files.
+Expert e of a stacked tensor [E, ...] is the contiguous range start + e*row .. + row; in a
+per-expert layout (old Mixtral / qwen2_moe uploads) it is a whole tensor of its own. Either way
+an expert is one range per part (gate/up/down × weight/scales/biases[/bias]) that mlx-lm would
+stack, in the original safetensors files.
 """
 from __future__ import annotations
 
@@ -11,11 +13,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from flashmoe.errors import CheckpointError, ConfigError
-from flashmoe.runtime.safetensors_index import TensorInfo
+from flashmoe.errors import CheckpointError
+from flashmoe.runtime.platform_io import open_uncached
+from flashmoe.checkpoints.safetensors_index import TensorInfo
 
-PROJS = ("gate_proj", "up_proj", "down_proj")
-FIELDS = ("weight", "scales", "biases")
 # safetensors dtype → the dtype a slot holds it in (bytes land unchanged)
 STORAGE = {"U32": mx.uint32, "U8": mx.uint8, "BF16": mx.bfloat16, "F16": mx.float16,
            "F32": mx.float32}
@@ -33,13 +34,26 @@ class PartSpec:
 
 @dataclass(frozen=True, slots=True)
 class LayerExperts:
-    """A layer's stacked expert tensors and their quantization."""
+    """A layer's expert tensors and their quantization.
+
+    sources[i] is part i's one stacked tensor, or one tensor per expert (unstacked layout)."""
 
     layer: int
     num_experts: int
     parts: tuple[PartSpec, ...]
-    tensors: tuple[TensorInfo, ...]
+    sources: tuple[tuple[TensorInfo, ...], ...]
     quant: tuple[tuple[str, int, int, str], ...]  # (proj, bits, group_size, mode)
+
+    @property
+    def tensors(self) -> tuple[TensorInfo, ...]:
+        return tuple(t for src in self.sources for t in src)
+
+    def locate(self, part: int, expert: int) -> tuple[Path, int]:
+        """(file, offset) of one part of one expert; the size is parts[part].nbytes."""
+        src = self.sources[part]
+        if len(src) == 1:
+            return src[0].file, src[0].start + expert * self.parts[part].nbytes
+        return src[expert].file, src[expert].start
 
     @property
     def signature(self) -> tuple:
@@ -60,7 +74,8 @@ class ByteRange:
 
 class ExpertStore:
     """Byte ranges of every (layer, expert), in the original safetensors or a packed layout;
-    owns the read-only file descriptors (and O_DIRECT ones when io.direct is on)."""
+    owns the read-only file descriptors (and uncached ones when io.direct is on: O_DIRECT,
+    or F_NOCACHE on macOS)."""
 
     def __init__(self, layers: dict[int, LayerExperts], packed: dict | None = None,
                  direct: bool = False) -> None:
@@ -74,7 +89,7 @@ class ExpertStore:
         self.sizes = [f.stat().st_size for f in files]
         self._file_ids = {f: i for i, f in enumerate(files)}
         self.fds = [os.open(f, os.O_RDONLY) for f in files]
-        self.direct_fds = [_open_direct(f) for f in files] if direct else []
+        self.direct_fds = [open_uncached(f) for f in files] if direct else []
 
     def close(self) -> None:
         for fd in self.fds + self.direct_fds:
@@ -92,45 +107,34 @@ class ExpertStore:
                 out.append(ByteRange(fid, pos, part.nbytes))
                 pos += part.nbytes
             return out
-        return [ByteRange(self._file_ids[t.file], t.start + expert * part.nbytes, part.nbytes)
-                for part, t in zip(le.parts, le.tensors)]
+        out = []
+        for i, part in enumerate(le.parts):
+            file, offset = le.locate(i, expert)
+            out.append(ByteRange(self._file_ids[file], offset, part.nbytes))
+        return out
 
     def checksum(self, layer: int, expert: int) -> str | None:
         """The packed manifest's xxh64 of the expert's bytes (None without a packed layout)."""
         return self.packed[layer].checksums[expert] if self.packed else None
 
-def _open_direct(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError as e:
-        raise ConfigError(f"io.direct=true but {path} cannot be opened with O_DIRECT "
-                          f"({e.strerror}); this filesystem does not support direct I/O, "
-                          "use io.direct=false") from None
-
-
-def layer_experts(tensors: dict[str, TensorInfo], prefix: str, layer: int,
+def layer_experts(layer: int, num_experts: int, parts: dict[str, tuple[TensorInfo, ...]],
                   quant: tuple[tuple[str, int, int, str], ...]) -> LayerExperts:
-    """Collect `prefix`.{proj}.{field} stacked tensors of one layer, checking shapes agree."""
-    parts, infos = [], []
-    num_experts = None
-    for proj in PROJS:
-        for field in FIELDS:
-            name = f"{prefix}.{proj}.{field}"
-            t = tensors.get(name)
-            if t is None:
-                if field == "biases" and f"{prefix}.{proj}.scales" in tensors:
-                    continue  # mxfp/nvfp modes carry no biases
-                raise CheckpointError(
-                    f"tensor {name} is missing from the checkpoint; flashmoe streams quantized "
-                    "mlx-community experts (…switch_mlp.{gate,up,down}_proj.{weight,scales,biases})")
-            if t.dtype not in STORAGE or len(t.shape) < 2:
-                raise CheckpointError(f"{t.file}: tensor {name} has dtype {t.dtype} shape "
-                                      f"{t.shape}; expected a stacked [experts, ...] tensor")
-            num_experts = t.shape[0] if num_experts is None else num_experts
-            if t.shape[0] != num_experts:
-                raise CheckpointError(f"{t.file}: tensor {name} stacks {t.shape[0]} experts but "
-                                      f"the layer's other expert tensors stack {num_experts}")
-            parts.append(PartSpec(f"{proj}.{field}", t.shape[1:], STORAGE[t.dtype],
-                                  t.nbytes // t.shape[0]))
-            infos.append(t)
-    return LayerExperts(layer, num_experts, tuple(parts), tuple(infos), quant)
+    """A layer's experts from each part's on-disk tensors (see models/layout.py).
+
+    `parts` maps `proj.field` to one stacked [E, ...] tensor or E per-expert tensors."""
+    specs, sources = [], []
+    for key, src in parts.items():
+        t = src[0]
+        if t.dtype not in STORAGE:
+            raise CheckpointError(f"{t.file}: tensor {t.name} has dtype {t.dtype}; expert "
+                                  f"tensors are one of {', '.join(STORAGE)}")
+        shape = t.shape[1:] if len(src) == 1 else t.shape
+        nbytes = t.nbytes // num_experts if len(src) == 1 else t.nbytes
+        for u in src[1:]:
+            if u.shape != t.shape or u.dtype != t.dtype:
+                raise CheckpointError(f"{u.file}: tensor {u.name} is {u.dtype}{list(u.shape)} "
+                                      f"but {t.name} is {t.dtype}{list(t.shape)}; every expert "
+                                      "of a layer has the same shape")
+        specs.append(PartSpec(key, tuple(shape), STORAGE[t.dtype], nbytes))
+        sources.append(tuple(src))
+    return LayerExperts(layer, num_experts, tuple(specs), tuple(sources), quant)

@@ -10,7 +10,12 @@ def pread_exact(fd: int, buf: memoryview, offset: int, what: str) -> None:
     """Fill `buf` from `offset`; a file that ends first is a truncated checkpoint."""
     got = 0
     while got < len(buf):
-        n = os.preadv(fd, [buf[got:]], offset + got)
+        try:
+            n = os.preadv(fd, [buf[got:]], offset + got)
+        except OSError as e:  # a source read: not to be mistaken for a failed write
+            raise CheckpointError(f"reading {what} at byte {offset + got} failed: "
+                                  f"{os.strerror(e.errno or 0)}; check the disk holding the "
+                                  "checkpoint and run again") from None
         if n == 0:
             raise CheckpointError(f"{what} ends before byte {offset + len(buf)}: the shard is "
                                   "truncated; re-download the checkpoint")

@@ -9,6 +9,7 @@ import contextvars
 import errno
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from typing import Callable
 import numpy as np
 import structlog
 
-from flashmoe.errors import ConfigError, ExpertReadError
+from flashmoe.runtime.platform_io import page_size
+from flashmoe.errors import ExpertReadError
 
-PAGE = 4096
+PAGE = page_size()  # split cuts and O_DIRECT alignment follow the OS page
 MIN_CHUNK = 64 * 1024
 Reader = Callable[[int, list, int], int]  # (fd, [buffer], offset) -> bytes read, like os.preadv
 RETRYABLE = (errno.EINTR, errno.EIO, errno.EAGAIN)
@@ -49,12 +51,40 @@ class ReadLabel:
 
 @dataclass(frozen=True, slots=True)
 class ReadJob:
-    """Read `dest.nbytes` bytes of file `fd` at `offset` into the writable `dest` view."""
+    """Read the bytes of file `fd` at `offset` into the writable `dest` view, then (a job
+    coalesced from adjacent ranges) straight on into each view of `more`: one preadv."""
 
     fd: int
     offset: int
     dest: np.ndarray  # 1-D uint8 view into a slot array
     what: str | ReadLabel  # for messages: "layer 3 expert 17 down_proj.weight (file)"
+    more: tuple[np.ndarray, ...] = ()  # the file bytes right after dest's, in order
+
+    @property
+    def views(self) -> list[np.ndarray]:
+        return [self.dest, *self.more]
+
+    @property
+    def nbytes(self) -> int:
+        return self.dest.nbytes + sum(v.nbytes for v in self.more)
+
+
+def coalesce(jobs: list[ReadJob], limit: int | None = None) -> list[ReadJob]:
+    """Merge jobs whose file ranges touch (same file, one ending where the next starts) into
+    one scatter read of at most `limit` bytes: fewer requests where the layout allows (a
+    packed expert's small scales and biases, neighbouring experts of one tensor). The fetch
+    stage passes its largest part, so no read grows past what io.split was tuned on.
+    Order: by file and offset."""
+    out: list[ReadJob] = []
+    for job in sorted(jobs, key=lambda j: (j.fd, j.offset)):
+        last = out[-1] if out else None
+        if (last is not None and last.fd == job.fd and last.offset + last.nbytes == job.offset
+                and (limit is None or last.nbytes + job.nbytes <= limit)):
+            out[-1] = ReadJob(last.fd, last.offset, last.dest, last.what,
+                              (*last.more, *job.views))
+        else:
+            out.append(job)
+    return out
 
 
 def split_job(job: ReadJob, n: int) -> list[ReadJob]:
@@ -62,7 +92,7 @@ def split_job(job: ReadJob, n: int) -> list[ReadJob]:
 
     Chunks stay ≥ MIN_CHUNK: splitting a 128 KiB scales tensor 8 ways costs more in
     thread hand-offs than it gains in queue depth."""
-    size = job.dest.nbytes
+    size = job.nbytes
     n = min(n, max(1, size // MIN_CHUNK))
     if n <= 1 or size <= PAGE:
         return [job]
@@ -73,7 +103,19 @@ def split_job(job: ReadJob, n: int) -> list[ReadJob]:
         if cuts[-1] < c < size:
             cuts.append(c)
     cuts.append(size)
-    return [ReadJob(job.fd, job.offset + a, job.dest[a:b], job.what) for a, b in zip(cuts, cuts[1:])]
+    views = job.views
+    return [_chunk(job, views, a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def _chunk(job: ReadJob, views: list[np.ndarray], a: int, b: int) -> ReadJob:
+    """Bytes [a, b) of the job's (concatenated) views, as a job of its own."""
+    parts, pos = [], 0
+    for v in views:
+        lo, hi = max(a, pos), min(b, pos + v.nbytes)
+        if lo < hi:
+            parts.append(v[lo - pos: hi - pos])
+        pos += v.nbytes
+    return ReadJob(job.fd, job.offset + a, parts[0], job.what, tuple(parts[1:]))
 
 
 class IOPool:
@@ -81,11 +123,7 @@ class IOPool:
 
     def __init__(self, threads: int, split: int, retries: int = 3,
                  reader: Reader | None = None, on_retry: Callable[..., None] | None = None) -> None:
-        # the API bypasses the config's checks: the same words, so callers see one message
-        for key, value, lo, hi in (("io.threads", threads, 1, 256), ("io.split", split, 1, 64),
-                                   ("io.retries", retries, 0, 100)):
-            if not (isinstance(value, int) and lo <= value <= hi):
-                raise ConfigError(f"{key}={value} must be between {lo} and {hi}")
+        # threads, split and retries were range-checked with the engine's options
         self.threads, self.split, self.retries = threads, split, retries
         self._reader = reader or os.preadv
         self._on_retry = on_retry
@@ -103,15 +141,38 @@ class IOPool:
         t0 = time.perf_counter()
         n = min(self.threads, len(chunks))
         batches = [chunks[i::n] for i in range(n)]
-        loop = asyncio.get_running_loop()
-        # each thread gets the caller's context, so log lines carry the run id
-        futs = [loop.run_in_executor(self._pool, contextvars.copy_context().run,
-                                     self._run_batch, b) for b in batches]
-        done = await asyncio.gather(*futs, return_exceptions=True)
+        done = await self._all(batches)
         errors = [d for d in done if isinstance(d, BaseException)]
         if errors:
             raise errors[0]
         return sum(done), (time.perf_counter() - t0) * 1e3
+
+    def _all(self, batches: list[list[ReadJob]]) -> asyncio.Future:
+        """Run the batches in the pool; one future, woken once when the last batch ends
+        (a wake-up of the event loop per thread cost more than a small read on 2 cores)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        results: list = [None] * len(batches)
+        left, lock = [len(batches)], threading.Lock()
+
+        def run(i: int, batch: list[ReadJob]) -> None:
+            try:
+                results[i] = self._run_batch(batch)
+            except BaseException as e:  # handed to the awaiting coroutine
+                results[i] = e
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                try:
+                    loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(results))
+                except RuntimeError:
+                    pass  # the loop closed while reading: nobody is waiting any more
+
+        for i, batch in enumerate(batches):
+            # each thread gets the caller's context, so log lines carry the run id
+            self._pool.submit(contextvars.copy_context().run, run, i, batch)
+        return fut
 
     def read_blocking(self, jobs: list[ReadJob]) -> int:
         """Synchronous variant (for tools and the raw-disk probe's reference path)."""
@@ -122,25 +183,26 @@ class IOPool:
 
     def _read_fully(self, job: ReadJob) -> int:
         """Complete short reads; retry transient errors a bounded number of times."""
-        view, off, failures = job.dest, job.offset, 0
-        while view.nbytes:
+        views, off, failures = job.views, job.offset, 0
+        left = job.nbytes
+        while left:
             try:
-                got = self._reader(job.fd, [view], off)
+                got = self._reader(job.fd, views, off)
             except OSError as e:
                 failures += 1
-                self._retry_or_raise(job, view.nbytes, off, e, failures)
+                self._retry_or_raise(job, left, off, e, failures)
                 continue
             if got == 0:
                 raise ExpertReadError(
-                    f"reading {job.what}: file ended at offset {off} with {view.nbytes} bytes "
+                    f"reading {job.what}: file ended at offset {off} with {left} bytes "
                     "still expected; the checkpoint file was truncated after it was opened")
-            if not 0 < got <= view.nbytes:
+            if not 0 < got <= left:
                 raise ExpertReadError(f"reading {job.what}: the reader returned {got} for a "
-                                      f"{view.nbytes}-byte read; expected 0..{view.nbytes}")
-            view, off = view[got:], off + got
+                                      f"{left}-byte read; expected 0..{left}")
+            views, off, left = _advance(views, got), off + got, left - got
         if failures:  # recovered: one warning per read, the retries are in the log
             self._log.warning("expert_read_recovered", what=str(job.what), attempts=failures + 1)
-        return job.dest.nbytes
+        return job.nbytes
 
     def _retry_or_raise(self, job: ReadJob, left: int, off: int, e: OSError,
                         failures: int) -> None:
@@ -148,10 +210,18 @@ class IOPool:
         if e.errno not in RETRYABLE or failures > self.retries:
             raise ExpertReadError(
                 f"reading {job.what} ({left} bytes at offset {off}) failed: {reason} after "
-                f"{failures} attempt(s) (io.retries={self.retries}); the disk or file is faulty; "
+                f"{failures} attempt(s) ({self.retries} retries allowed); the disk or file is faulty; "
                 "no token was computed from partial bytes") from None
         self._log.info("expert_read_retried", what=str(job.what), offset=off, errno=e.errno,
                        error=reason, attempt=failures)
         if self._on_retry:
             self._on_retry(what=str(job.what), offset=off, errno=e.errno, attempt=failures)
         time.sleep(min(RETRY_BACKOFF_S * 2 ** (failures - 1), 0.1))
+
+
+def _advance(views: list[np.ndarray], got: int) -> list[np.ndarray]:
+    """The views still to fill after a (short) read of `got` bytes into them."""
+    while views and got >= views[0].nbytes:
+        got -= views[0].nbytes
+        views = views[1:]
+    return [views[0][got:], *views[1:]] if views and got else views

@@ -77,8 +77,9 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-# Events the app already tells the person in its own words (one line per error).
-SILENT_ON_CONSOLE = frozenset({"run_failed"})
+# Events the app already tells the person in its own words (one line per error; the start
+# line names the device and how to get the GPU build).
+SILENT_ON_CONSOLE = frozenset({"run_failed", "device_unavailable"})
 
 
 def _not_silent(record: logging.LogRecord) -> bool:

@@ -12,7 +12,8 @@ from typing import Optional
 
 import psutil
 
-GIB = float(1 << 30)
+from flashmoe.constants import GIB
+
 
 
 def peak_rss_gb() -> float:

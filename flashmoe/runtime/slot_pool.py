@@ -5,16 +5,15 @@ reads it has been evaluated; only unpinned slots are ever overwritten.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
-from flashmoe.errors import ConfigError
+from flashmoe.runtime.cuda_copy import CudaCopy
+from flashmoe.runtime.eviction import Eviction
 from flashmoe.runtime.expert_store import LayerExperts
-
-POLICIES = ("none", "lru", "lfu")
+from flashmoe.runtime.host_tier import HostTier
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +22,7 @@ class SlotGrant:
 
     slots: dict[int, int]  # expert -> slot
     misses: tuple[tuple[int, int], ...]  # (expert, slot) to fetch
+    promoted: tuple[tuple[int, int], ...] = ()  # (expert, slot) copied in from the host tier
 
 
 def _bf16_to_f32(src: np.ndarray, dst: np.ndarray) -> None:
@@ -55,6 +55,7 @@ class SlotArrays:
                        .reshape(n, -1) for p in spec.parts]
         self._staging = [np.zeros((n, p.nbytes), dtype=np.uint8) if c else None
                          for p, c in zip(spec.parts, self._convert)]
+        self.upcasts = any(c is not None for c in self._convert)
 
     def views(self, slot: int) -> list[np.ndarray]:
         """Where each part's file bytes should land for `slot`."""
@@ -76,56 +77,71 @@ class SlotArrays:
 
 
 class SlotPool:
-    """`n` slots shared by layers with one signature; maps (layer, expert) to slots."""
+    """`n` slots shared by layers with one signature; maps (layer, expert) to slots.
+
+    Bookkeeping per grant and release is O(1) for lru/none and O(log n) for lfu (eviction.py):
+    at the H200's ~14,500 slots a scan per miss would cost milliseconds."""
 
     def __init__(self, spec: LayerExperts, n: int, policy: str = "lru",
-                 upcast: bool = False) -> None:
-        if policy not in POLICIES:
-            raise ConfigError(f"cache.policy={policy} must be one of {', '.join(POLICIES)}")
+                 upcast: bool = False, host: HostTier | None = None) -> None:
         self.n, self.policy = n, policy
         self.store = SlotArrays(spec, n, upcast)
+        self.host = host if host is not None and host.n and policy != "none" else None
+        self.cuda: CudaCopy | None = None  # the CUDA copy path (cuda_copy.select), or None
         self._owner: list[tuple[int, int] | None] = [None] * n
         self._table: dict[tuple[int, int], int] = {}
         self._pins = [0] * n
-        self._recency: OrderedDict[int, None] = OrderedDict((s, None) for s in range(n))
+        self._free = n  # slots with no pins
+        self._order = Eviction(n, policy)
         self._uses: dict[tuple[int, int], int] = {}
         self.hits = self.misses = 0
 
     @property
     def nbytes(self) -> int:
-        return self.store.nbytes
+        return self.store.nbytes + (self.host.nbytes if self.host is not None else 0)
+
+    @property
+    def host_hits(self) -> int:
+        return self.host.hits if self.host is not None else 0
 
     def free_slots(self) -> int:
-        return sum(1 for p in self._pins if p == 0)
+        return self._free
 
     def clear(self) -> None:
-        """Forget every cached expert (a cold start); counters keep running."""
+        """Forget every cached expert (a cold start), in both tiers; counters keep running."""
+        if self.host is not None:
+            self.host.clear()
         for s in range(self.n):
             if self._pins[s] == 0:
                 self._forget(s)
+                self._order.unpinned(s, True, 0)
 
     def cached(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._table
 
     def grant(self, layer: int, experts: list[int]) -> SlotGrant:
         """Pin a slot for each expert (reusing cached ones); len(experts) <= free slots."""
-        assert len(experts) <= self.free_slots(), "caller must chunk to the free slots"
-        slots, misses = {}, []
+        assert len(experts) <= self._free, "caller must chunk to the free slots"
+        slots, misses, promoted = {}, [], []
         for e in experts:
             key = (layer, e)
             self._uses[key] = self._uses.get(key, 0) + 1
             s = self._table.get(key)
             if s is None:
-                s = self._victim()
-                self._assign(s, key)
-                misses.append((e, s))
-                self.misses += 1
+                s = self._order.victim(self._pins, self._owner)
+                if self._move(s, key):
+                    promoted.append((e, s))
+                else:
+                    misses.append((e, s))
+                    self.misses += 1
             else:
                 self.hits += 1
+            if self._pins[s] == 0:
+                self._free -= 1
             self._pins[s] += 1
-            self._recency.move_to_end(s)
+            self._order.granted(s)
             slots[e] = s
-        return SlotGrant(slots, tuple(misses))
+        return SlotGrant(slots, tuple(misses), tuple(promoted))
 
     def release(self, grant: SlotGrant, valid: bool = True, keep: bool = False) -> None:
         """Unpin after the computation reading these slots was evaluated.
@@ -135,15 +151,24 @@ class SlotPool:
             self._pins[s] -= 1
             if not valid or (self.policy == "none" and not keep):
                 self._forget(s)
+            if self._pins[s] == 0:
+                self._free += 1
+                owner = self._owner[s]
+                self._order.unpinned(s, owner is None, self._uses.get(owner, 0))
 
-    def _victim(self) -> int:
-        free = [s for s in self._recency if self._pins[s] == 0]
-        empty = [s for s in free if self._owner[s] is None]
-        if empty:
-            return empty[0]
-        if self.policy == "lfu":
-            return min(free, key=lambda s: self._uses.get(self._owner[s], 0))
-        return free[0]  # least recently used among unpinned
+    def _move(self, s: int, key: tuple[int, int]) -> bool:
+        """Give slot `s` to `key`: its expert is demoted to the host tier, and `key` promoted
+        from there when it is held (True: no read needed). Copies run here, before any read
+        of this grant can overwrite the slot."""
+        old, host = self._owner[s], self.host
+        row = host.take(key) if host is not None and key in host else None
+        if host is not None and old is not None:  # after take: a full tier drops another
+            host.demote(old, self.store.views(s))
+        self._assign(s, key)
+        if row is not None:
+            host.copy_back(row, self.store.views(s))
+            return True
+        return False
 
     def _assign(self, s: int, key: tuple[int, int]) -> None:
         self._forget(s)

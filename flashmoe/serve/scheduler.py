@@ -14,7 +14,7 @@ class QueueFull(Exception):
 
 
 class Runner(Protocol):
-    async def prefill(self, seq: Sequence) -> tuple[int | None, Any]: ...
+    async def prefill(self, seq: Sequence) -> tuple[bool, Any]: ...
     async def decode(self, seqs: list[Sequence]) -> tuple[list[int], Any]: ...
 
 
@@ -84,13 +84,11 @@ class Scheduler:
     async def _step(self) -> None:
         if self.prefilling:  # one chunk per step: a long prompt never stalls the batch
             seq = self.prefilling[0]
-            tok, report = await self.runner.prefill(seq)
+            ready, report = await self.runner.prefill(seq)
             self._report(report)
-            if tok is not None:
+            if ready:  # its last prompt token is its first decode row
                 self.prefilling.pop(0)
-                self._emit(seq, seq.accept(tok))
-                if not seq.finished:
-                    self.active.append(seq)
+                self.active.append(seq)
         live = [s for s in self.active if not s.cancelled and not s.finished]
         if live:
             toks, report = await self.runner.decode(live)

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from flashmoe.stages.messages import Attended, StepStats
-from flashmoe.stages.pipeline import Pipeline
+from flashmoe.stages.pipeline import Pipeline, StepState
 
 
 class BatchStep:
@@ -29,13 +29,16 @@ class BatchStep:
 
     async def forward(self, tokens: Sequence[int], caches: Sequence[list[Any]],
                       stats: StepStats) -> mx.array:
-        """Logits [B, 1, V] for token b appended to cache b (each cache advances by one)."""
+        """Logits [B, 1, V] for token b appended to cache b (each cache advances by one).
+
+        The caller holds the model's step lock. One StepState carries the batch's stats and
+        slot grants; the caches stay per sequence (the state's own cache is unused)."""
         p, fam, model = self.p, self.p.r.family, self.p.r.model
+        step = StepState([], stats)
         x0 = await p.worker.build(p._embed, list(tokens))  # [1, B, D]
         x0 = await p.worker.build(lambda: x0.reshape(len(tokens), 1, -1))  # [B, 1, D]
         masks = await p.worker.build(
             lambda: [fam.masks(model, x0[b:b + 1], c) for b, c in enumerate(caches)])
-        p._pending = []
         x_fn: Callable[[], mx.array] = lambda: x0  # noqa: E731 - a chain of graph builders
         try:
             for i, layer in enumerate(p.layers):
@@ -45,13 +48,14 @@ class BatchStep:
                 if block is None:
                     x_fn = partial(p._dense, layer, att_fn)
                     continue
-                x_fn = await p._experts(att_fn, block, stats, decode=False)
-            t0 = time.perf_counter()
+                att, routed = await p.route(step, att_fn, block)
+                x_fn = await p.experts(step, att, routed, block)
+            t0 = time.perf_counter()  # the last trip: last layer's experts, norm, lm head
             logits = await p.worker.run(lambda: p._head(x_fn(), False))
-            stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
+            stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
             return logits
         finally:
-            p._release_pending()
+            p._release_pending(step)
 
     def _attend(self, index: int, layer: nn.Module, x_fn: Callable[[], mx.array],
                 masks: list[Any], caches: list[Any]) -> Attended:

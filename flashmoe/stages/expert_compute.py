@@ -9,6 +9,7 @@ import numpy as np
 
 from flashmoe.kernels.moe import Quant, gather_experts, scatter_pairs
 from flashmoe.models import Family
+from flashmoe.models.proxy import ExpertProxy
 from flashmoe.runtime.mlx_worker import MlxWorker
 from flashmoe.runtime.slot_pool import SlotPool
 from flashmoe.stages.messages import Attended, Fetched, Routed, StepStats
@@ -16,8 +17,10 @@ from flashmoe.stages.messages import Attended, Fetched, Routed, StepStats
 
 class ExpertComputeStage:
     def __init__(self, worker: MlxWorker, family: Family, pools: dict[int, SlotPool],
-                 quant: dict[int, Quant]) -> None:
+                 quant: dict[int, Quant], proxies: dict[int, ExpertProxy] | None = None) -> None:
         self.worker, self.family, self.pools, self.quant = worker, family, pools, quant
+        self.proxies = proxies or {}  # MlxLmFamily: the layer's own switch module over slots
+        self.same_shapes = worker.device == "gpu"
 
     def whole(self, att: Attended, routed: Routed, fetched: Fetched,
               activation: Callable) -> Callable[[], mx.array]:
@@ -35,22 +38,49 @@ class ExpertComputeStage:
 
     async def partial(self, att: Attended, routed: Routed, fetched: Fetched, y: mx.array | None,
                       activation: Callable, stats: StepStats) -> mx.array:
-        """One chunk of a union larger than the slots: fill the (token, k) rows it covers."""
+        """One chunk of a union larger than the slots: fill the (token, k) rows it covers.
+
+        With `same_shapes` (GPU backends) every chunk runs the whole layer's gather shape, as
+        mlx-lm's one SwitchGLU call does, and keeps the rows it covers: there the kernel (and
+        so the rounding) is chosen by the call's shape, and only the same shape is bit-exact.
+        The CPU kernels give each row the same bits whatever the shape: only covered rows run."""
         t0 = time.perf_counter()
         flat = routed.inds.reshape(-1)
-        pairs = np.flatnonzero(np.isin(flat, list(fetched.grant.slots)))
-        slots = _slot_ids(flat[pairs], fetched.grant.slots)
-        y = await self.worker.run(self._partial, att, routed, pairs, slots, y, activation)
+        covered = np.isin(flat, list(fetched.grant.slots))
+        if self.same_shapes:
+            filler = next(iter(fetched.grant.slots))  # uncovered pairs read any loaded slot
+            slots = _slot_ids(np.where(covered, flat, filler), fetched.grant.slots)
+            y = await self.worker.run(self._partial_same_shape, att, routed, covered,
+                                      slots.reshape(routed.inds.shape), y, activation)
+        else:
+            pairs = np.flatnonzero(covered)
+            slots = _slot_ids(flat[pairs], fetched.grant.slots)
+            y = await self.worker.run(self._partial, att, routed, pairs, slots, y, activation)
         self.pools[att.layer].release(fetched.grant)
         stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
         return y
 
+    def _partial_same_shape(self, att, routed, covered: np.ndarray, slots: np.ndarray, y,
+                            activation):
+        out = self._gather(att.layer, att.xn, mx.array(slots), activation)
+        out = out.reshape(-1, out.shape[-1])  # [T*k, D]
+        if y is None:
+            y = mx.zeros_like(out)
+        return mx.where(mx.array(covered)[:, None], out, y)
+
     def _partial(self, att, routed, pairs: np.ndarray, slots: np.ndarray, y, activation):
         k = routed.inds.shape[-1]
         xs = att.xn.reshape(-1, att.xn.shape[-1])[mx.array(pairs // k)]  # [P, D]
-        w = self.pools[att.layer].store.weights()
-        out = gather_experts(xs, mx.array(slots)[:, None], w, self.quant[att.layer], activation)
+        out = self._gather(att.layer, xs, mx.array(slots)[:, None], activation)
         return scatter_pairs(y, routed.inds.size, mx.array(pairs), out[:, 0])  # [T*k, D]
+
+    def _gather(self, layer: int, x: mx.array, slots: mx.array, activation: Callable | None
+                ) -> mx.array:
+        """[..., D] x, [..., k] slots -> [..., k, D]: the family's switch, or SwitchGLU's math."""
+        if layer in self.proxies:
+            return self.proxies[layer].compute(x, slots)
+        w = self.pools[layer].store.weights()
+        return gather_experts(x, slots, w, self.quant[layer], activation)
 
     async def finish(self, att: Attended, routed: Routed, y: mx.array,
                      stats: StepStats) -> mx.array:

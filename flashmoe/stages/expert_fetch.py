@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import asyncio
 
+from flashmoe.stages.observer import ReadObserver
 from flashmoe.errors import ExpertReadError
 from flashmoe.runtime.direct import Copy, DirectBounce, copy_all
 from flashmoe.runtime.expert_store import ExpertStore
-from flashmoe.runtime.io_pool import PAGE, IOPool, ReadJob, ReadLabel
-from flashmoe.runtime.packed import expert_hash
+from flashmoe.runtime.cuda_copy import PinnedStaging
+from flashmoe.runtime.io_pool import PAGE, IOPool, ReadJob, ReadLabel, coalesce
+from flashmoe.checkpoints.packed import expert_hash
 from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
 from flashmoe.stages.messages import Fetched, StepStats
 
@@ -16,9 +18,8 @@ class ExpertFetchStage:
     def __init__(self, store: ExpertStore, pools: dict[int, SlotPool], io: IOPool,
                  verify: bool = False) -> None:
         self.store, self.pools, self.io, self.verify = store, pools, io, verify
-        self.trace: list[list[tuple[int, int, int]]] | None = None  # bench: what was read
-        self.skip_reads = False  # bench only: time compute alone (slots hold stale bytes)
         self._bounce: dict[int, DirectBounce] = {}
+        self._staging: dict[int, PinnedStaging] = {}  # CUDA: per pool
 
     def plan(self, layer: int, experts: tuple[int, ...]) -> list[list[int]]:
         """Split a layer's expert union into chunks that fit the free slots.
@@ -30,32 +31,40 @@ class ExpertFetchStage:
         order = cached + [e for e in experts if not pool.cached(layer, e)]
         return [order[i:i + room] for i in range(0, len(order), room)]
 
-    async def __call__(self, layer: int, experts: list[int], stats: StepStats) -> Fetched:
+    async def __call__(self, layer: int, experts: list[int], stats: StepStats,
+                       observer: ReadObserver | None = None, read: bool = True) -> Fetched:
+        """read=False: bench's compute-alone run; the slots keep stale bytes."""
         pool = self.pools[layer]
         grant = pool.grant(layer, experts)
-        jobs, copies = self._jobs(layer, pool, grant)
-        if self.trace is not None and jobs:
-            self.trace.append([(j.fd, j.offset, j.dest.nbytes) for j in jobs])
+        jobs, copies = self._jobs(layer, pool, grant) if pool.cuda is None else ([], [])
+        if observer is not None and jobs:
+            observer.expert_reads(layer, [(j.fd, j.offset, j.nbytes) for j in jobs])
         try:
-            nbytes, ms = await self.io.read([] if self.skip_reads else jobs)
-            if copies and not self.skip_reads:
+            if pool.cuda is not None and read:
+                nbytes, ms = await self._read_staged(layer, pool, grant, observer)
+            else:
+                nbytes, ms = await self.io.read(jobs if read else [])
+            if copies and read:
                 await asyncio.to_thread(copy_all, copies)
-            if self.verify and not self.skip_reads:
+            if self.verify and read:
                 self._check(layer, pool, grant)
         except BaseException:
             pool.release(grant, valid=False)  # never leave half-read bytes marked cached
             raise
-        if not self.skip_reads:
-            for _, s in grant.misses:
+        if read:
+            for _, s in grant.misses + grant.promoted:
                 pool.store.finish(s)
         stats.expert_fetch_ms += ms
         stats.bytes_read += nbytes
         stats.experts_fetched += len(grant.misses)
-        stats.experts_hit += len(grant.slots) - len(grant.misses)
+        stats.experts_hit += len(grant.slots) - len(grant.misses) - len(grant.promoted)
+        if grant.promoted:  # served by the host tier: a copy, no read
+            stats.extra["experts_host_hit"] = (stats.extra.get("experts_host_hit", 0)
+                                               + len(grant.promoted))
         return Fetched(layer, grant, nbytes, ms)
 
     def _jobs(self, layer: int, pool: SlotPool, grant: SlotGrant) -> tuple[list[ReadJob], list[Copy]]:
-        jobs, copies = [], []
+        jobs, plain, copies = [], [], []
         parts = self.store.layers[layer].parts
         bounce = self._bounce_for(pool, parts) if self.store.direct else None
         for e, s in grant.misses:
@@ -68,8 +77,38 @@ class ExpertFetchStage:
                     jobs.append(job)
                     copies.append(cp)
                 else:
-                    jobs.append(ReadJob(self.store.fds[rng.file_id], rng.offset, view, what))
-        return jobs, copies
+                    plain.append(ReadJob(self.store.fds[rng.file_id], rng.offset, view, what))
+        # not coalesced here: read sizes and counts stay the ones io.split was tuned on (the
+        # CUDA staged path coalesces, its staging row being contiguous)
+        return jobs + plain, copies
+
+    async def _read_staged(self, layer: int, pool: SlotPool, grant: SlotGrant,
+                           observer: ReadObserver | None) -> tuple[int, float]:
+        """CUDA: read misses into pinned staging rows, copy each into its slot's device
+        address on the copy stream, and synchronise before the slots are evaluated."""
+        staging = self._staging.get(id(pool))
+        if staging is None:
+            staging = self._staging[id(pool)] = PinnedStaging(pool.cuda, pool.store.parts)
+        nbytes, ms = 0, 0.0
+        misses = list(grant.misses)
+        for i in range(0, len(misses), staging.rows):
+            group = misses[i:i + staging.rows]
+            pool.cuda.synchronize()  # the rows' previous copies have landed
+            jobs = coalesce([ReadJob(self.store.fds[rng.file_id], rng.offset, view,
+                                     ReadLabel(layer, e, part.key, self.store.names[rng.file_id]))
+                             for r, (e, _) in enumerate(group)
+                             for part, rng, view in zip(pool.store.parts,
+                                                        self.store.ranges(layer, e),
+                                                        staging.views(r))])
+            if observer is not None:
+                observer.expert_reads(layer, [(j.fd, j.offset, j.nbytes) for j in jobs])
+            got, t = await self.io.read(jobs)
+            nbytes, ms = nbytes + got, ms + t
+            for r, (_, s) in enumerate(group):
+                for src, dst in zip(staging.views(r), pool.store.views(s)):
+                    pool.cuda.to_device(dst, src)
+        pool.cuda.synchronize()  # also the host tier's promotions (MLX cannot wait on them)
+        return nbytes, ms
 
     def _bounce_for(self, pool: SlotPool, parts) -> DirectBounce:
         key = id(pool)

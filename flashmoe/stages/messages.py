@@ -41,12 +41,16 @@ class Fetched:
 
 @dataclass(slots=True)
 class StepStats:
-    """Per-step (one forward) telemetry, summed over layers."""
+    """Per-step (one forward) telemetry, summed over layers (README "Log keys").
 
-    attention_ms: float = 0.0
-    router_ms: float = 0.0
-    expert_fetch_ms: float = 0.0
-    expert_compute_ms: float = 0.0
+    MLX evaluates lazily, so the work of several stages runs in one device trip; the trip has
+    its own key rather than being charged to one stage."""
+
+    device_trip_ms: float = 0.0  # per MoE layer: previous layer's experts + attention + router;
+    # and the last trip: the last layer's experts + final norm + lm head
+    route_host_ms: float = 0.0  # host side: routed ids -> the union of experts to fetch
+    expert_fetch_ms: float = 0.0  # wall time of the expert reads (all I/O threads)
+    expert_compute_ms: float = 0.0  # expert-only evaluations (a union larger than the slots)
     sampling_ms: float = 0.0
     bytes_read: int = 0
     experts_fetched: int = 0
@@ -56,8 +60,8 @@ class StepStats:
 
     def as_dict(self) -> dict:
         return {
-            "attention_ms": round(self.attention_ms, 3),
-            "router_ms": round(self.router_ms, 3),
+            "device_trip_ms": round(self.device_trip_ms, 3),
+            "route_host_ms": round(self.route_host_ms, 3),
             "expert_fetch_ms": round(self.expert_fetch_ms, 3),
             "expert_compute_ms": round(self.expert_compute_ms, 3),
             "sampling_ms": round(self.sampling_ms, 3),

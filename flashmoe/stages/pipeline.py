@@ -1,32 +1,54 @@
-"""The pipeline: attention → router → expert-fetch → expert-compute per layer, then sampling."""
+"""The pipeline: attention → router → expert-fetch → expert-compute per layer, then sampling.
+
+A Pipeline is shared by every session of a model and holds no per-generation state: each
+forward gets a StepState (the session's KV cache, stats, pending slot grants, prefetch task).
+Per layer, `route` (this session's attention and routing) and `experts` (fetch and compute)
+are separate calls, so a batched step can later route several sessions and fetch their
+union once.
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from flashmoe.stages.observer import ReadObserver
 from flashmoe.models.loader import Resident
 from flashmoe.runtime.expert_store import ExpertStore
 from flashmoe.runtime.io_pool import IOPool
 from flashmoe.runtime.mlx_worker import MlxWorker
-from flashmoe.runtime.slot_pool import SlotPool
+from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
 from flashmoe.stages.attention import AttentionStage
 from flashmoe.stages.expert_compute import ExpertComputeStage
 from flashmoe.stages.expert_fetch import ExpertFetchStage
-from flashmoe.stages.messages import Attended, StepStats
+from flashmoe.stages.messages import Attended, Fetched, Routed, StepStats
 from flashmoe.stages.prefetch import Prefetcher, guess_next
+from flashmoe.stages.proxy_step import ProxyStep
 from flashmoe.stages.router import RouterStage
 from flashmoe.stages.sampling import Sampler, SamplingStage
+
+
+@dataclass(slots=True)
+class StepState:
+    """One forward's mutable state; the session that runs the step owns it."""
+
+    cache: list[Any]
+    stats: StepStats
+    observer: ReadObserver | None = None
+    read_experts: bool = True  # False: bench's compute-alone run (slots keep stale bytes)
+    pending: list[tuple[SlotPool, SlotGrant]] = field(default_factory=list)  # not yet evaluated
+    prefetch: Prefetcher | None = None
 
 
 class Pipeline:
     """Runs one forward step (a whole prompt, or one token) through the stages."""
 
     def __init__(self, resident: Resident, worker: MlxWorker, store: ExpertStore,
-                 pools: dict[int, SlotPool], io: IOPool, k: int, sampler: Sampler,
+                 pools: dict[int, SlotPool], io: IOPool, k: int,
                  dtype: mx.Dtype | None = None, verify: bool = False,
                  prefetch: bool = False) -> None:
         self.r, self.worker, self.dtype = resident, worker, dtype
@@ -37,48 +59,97 @@ class Pipeline:
         self.attention = AttentionStage(fam)
         self.router = RouterStage(worker, fam, k)
         self.fetch = ExpertFetchStage(store, pools, io, verify)
-        self.compute = ExpertComputeStage(worker, fam, pools, quant)
-        self.sampling = SamplingStage(worker, sampler)
-        self.prefetch = Prefetcher(self.fetch) if prefetch else None
-        self.k = k
+        self.compute = ExpertComputeStage(worker, fam, pools, quant, resident.proxies)
+        self.sampling = SamplingStage(worker)
+        self.prefetch, self.k = prefetch, k
+        # an MlxLmFamily runs mlx-lm's own forward with proxied experts (no prefetch there)
+        self.proxied = ProxyStep(self) if resident.proxies else None
 
-    async def forward(self, ids: list[int], cache: list[Any], stats: StepStats,
-                      all_logits: bool = False) -> mx.array:
-        """Logits [1, L, V] (or [1, 1, V] for the last position) for `ids` after `cache`."""
+    async def forward(self, ids: list[int], step: StepState,
+                      all_logits: bool = False, head: bool = True) -> mx.array | None:
+        """Logits [1, L, V] (or [1, 1, V] for the last position) for `ids` after step.cache.
+
+        head=False (a prefill step): only the caches are brought up to date, as mlx-lm's
+        prefill evaluates only the cache states; the last layer's experts are not needed."""
+        if self.proxied is not None:
+            return await self.proxied.forward(ids, step, all_logits, head)
         fam, model = self.r.family, self.r.model
         x0 = await self.worker.build(self._embed, ids)
-        masks = await self.worker.build(fam.masks, model, x0, cache)
-        self._pending = []  # slot grants whose computation has not been evaluated yet
+        masks = await self.worker.build(fam.masks, model, x0, step.cache)
+        if self.prefetch and len(ids) == 1:
+            step.prefetch = Prefetcher(partial(self._fetch, step), self.fetch.pools)
         x_fn: Callable[[], mx.array] = lambda: x0  # noqa: E731 - a chain of graph builders
         try:
             for i, layer in enumerate(self.layers):
-                att_fn = partial(self.attention.build, i, layer, x_fn, masks[i], cache[i])
+                att_fn = partial(self.attention.build, i, layer, x_fn, masks[i], step.cache[i])
                 block = fam.moe_block(layer)
                 if block is None:
                     x_fn = partial(self._dense, layer, att_fn)
                     continue
-                x_fn = await self._experts(att_fn, block, stats, decode=len(ids) == 1)
-            t0 = time.perf_counter()
+                att, routed = await self.route(step, att_fn, block)
+                x_fn = await self.experts(step, att, routed, block)
+            t0 = time.perf_counter()  # the last trip: last layer's experts, norm, lm head
+            if not head:
+                await self.worker.run(lambda: [c.state for c in step.cache])
+                step.stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
+                return None
             logits = await self.worker.run(lambda: self._head(x_fn(), all_logits))
-            stats.expert_compute_ms += (time.perf_counter() - t0) * 1e3
+            step.stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
             return logits
         finally:
-            if self.prefetch is not None:
-                await self.prefetch.cancel()
-            self._release_pending()  # evaluated above, or abandoned on an error
+            if step.prefetch is not None:
+                await step.prefetch.cancel()
+            self._release_pending(step)  # evaluated above, or abandoned on an error
 
-    async def sample(self, logits: mx.array, stats: StepStats) -> int:
-        return await self.sampling(logits, stats)
+    async def sample(self, logits: mx.array, sampler: Sampler, stats: StepStats) -> int:
+        return await self.sampling(logits, sampler, stats)
 
-    def _release_pending(self) -> None:
-        for pool, grant in self._pending:
+    async def route(self, step: StepState, att_fn: Callable[[], Attended],
+                    block: nn.Module) -> tuple[Attended, Routed]:
+        """One session's attention and routing for a layer (one device trip)."""
+        layer = att_fn.args[0]
+        att, routed = await self.router(att_fn, block, step.stats, self._guesser(step, layer))
+        self._release_pending(step)  # the routing evaluation consumed the previous layer's slots
+        return att, routed
+
+    async def experts(self, step: StepState, att: Attended, routed: Routed,
+                      block: nn.Module) -> Callable[[], mx.array]:
+        """Fetch the routed experts and build (or, chunked, compute) the layer's output."""
+        stats = step.stats
+        if step.prefetch is not None:
+            await step.prefetch.settle(att.layer, routed.experts, stats)
+        chunks = self.fetch.plan(att.layer, routed.experts)
+        act = block.switch_mlp.activation
+        if len(chunks) == 1:
+            fetched = await self._fetch(step, att.layer, chunks[0], stats)
+            if routed.guess is not None:  # read the next layer's guess while this one computes
+                step.prefetch.start(att.layer + 1, routed.guess, stats)
+            x_fn = self.compute.whole(att, routed, fetched, act)
+            step.pending.append((self.fetch.pools[att.layer], fetched.grant))
+            return x_fn
+        # the union exceeds the slots: chunk by chunk, each chunk's slots released after use
+        stats.chunks += len(chunks)
+        y = None
+        for chunk in chunks:
+            fetched = await self._fetch(step, att.layer, chunk, stats)
+            y = await self.compute.partial(att, routed, fetched, y, act, stats)
+        x = await self.compute.finish(att, routed, y, stats)
+        return lambda: x
+
+    async def _fetch(self, step: StepState, layer: int, experts: list[int],
+                     stats: StepStats) -> Fetched:
+        return await self.fetch(layer, experts, stats, observer=step.observer,
+                                read=step.read_experts)
+
+    def _release_pending(self, step: StepState) -> None:
+        for pool, grant in step.pending:
             pool.release(grant)
-        self._pending = []
+        step.pending.clear()
 
-    def _guesser(self, index: int, decode: bool):
+    def _guesser(self, step: StepState, index: int):
         """Prefetch (decode only): a function guessing the next MoE layer's experts."""
         nxt = index + 1
-        if self.prefetch is None or not decode or nxt >= len(self.layers):
+        if step.prefetch is None or nxt >= len(self.layers):
             return None
         fam, layer = self.r.family, self.layers[nxt]
         block = fam.moe_block(layer)
@@ -89,31 +160,6 @@ class Pipeline:
     def _dense(self, layer: nn.Module, att_fn: Callable[[], Attended]) -> mx.array:
         att = att_fn()
         return att.h + self.r.family.dense_mlp(layer, att.xn)
-
-    async def _experts(self, att_fn: Callable[[], Attended], block: nn.Module,
-                       stats: StepStats, decode: bool = False) -> Callable[[], mx.array]:
-        layer = att_fn.args[0]
-        att, routed = await self.router(att_fn, block, stats, self._guesser(layer, decode))
-        self._release_pending()  # the routing evaluation consumed the previous layer's slots
-        if self.prefetch is not None:
-            await self.prefetch.settle(att.layer, routed.experts, stats)
-        chunks = self.fetch.plan(att.layer, routed.experts)
-        act = block.switch_mlp.activation
-        if len(chunks) == 1:
-            fetched = await self.fetch(att.layer, chunks[0], stats)
-            if routed.guess is not None:  # read the next layer's guess while this one computes
-                self.prefetch.start(att.layer + 1, routed.guess, stats)
-            x_fn = self.compute.whole(att, routed, fetched, act)
-            self._pending.append((self.fetch.pools[att.layer], fetched.grant))
-            return x_fn
-        # the union exceeds the slots: chunk by chunk, each chunk's slots released after use
-        stats.chunks += len(chunks)
-        y = None
-        for chunk in chunks:
-            fetched = await self.fetch(att.layer, chunk, stats)
-            y = await self.compute.partial(att, routed, fetched, y, act, stats)
-        x = await self.compute.finish(att, routed, y, stats)
-        return lambda: x
 
     def _embed(self, ids: list[int]) -> mx.array:
         x = self.r.family.embed(self.r.model, mx.array([ids]))

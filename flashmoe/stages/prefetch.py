@@ -4,14 +4,17 @@ guess costs a wasted read; the accuracy is logged per token (prefetch_hits/_issu
 from __future__ import annotations
 
 import asyncio
+from typing import Awaitable, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from flashmoe.models import Family
-from flashmoe.stages.expert_fetch import ExpertFetchStage
-from flashmoe.stages.messages import StepStats
+from flashmoe.runtime.slot_pool import SlotPool
+from flashmoe.stages.messages import Fetched, StepStats
+
+Fetch = Callable[[int, list[int], StepStats], Awaitable[Fetched]]
 
 
 def guess_next(family: Family, next_layer: nn.Module, block: nn.Module, h: mx.array,
@@ -24,14 +27,14 @@ def guess_next(family: Family, next_layer: nn.Module, block: nn.Module, h: mx.ar
 class Prefetcher:
     """At most one speculative read in flight; the next layer's fetch waits for it first."""
 
-    def __init__(self, fetch: ExpertFetchStage) -> None:
-        self.fetch = fetch
+    def __init__(self, fetch: Fetch, pools: dict[int, SlotPool]) -> None:
+        self.fetch, self.pools = fetch, pools
         self._task: asyncio.Task | None = None
         self._layer: int | None = None
         self._guess: set[int] = set()
 
     def start(self, layer: int, guess: np.ndarray, stats: StepStats) -> None:
-        pool = self.fetch.pools[layer]
+        pool = self.pools[layer]
         wanted = [int(e) for e in np.unique(guess) if not pool.cached(layer, int(e))]
         wanted = wanted[: pool.free_slots()]
         self._layer, self._guess = layer, {int(e) for e in np.unique(guess)}
@@ -41,7 +44,7 @@ class Prefetcher:
 
     async def _read(self, layer: int, experts: list[int], stats: StepStats) -> None:
         fetched = await self.fetch(layer, experts, stats)
-        self.fetch.pools[layer].release(fetched.grant, keep=True)  # cached, not pinned
+        self.pools[layer].release(fetched.grant, keep=True)  # cached, not pinned
 
     async def settle(self, layer: int, actual: tuple[int, ...], stats: StepStats) -> None:
         """Wait for an in-flight guess (its slots must be whole before anyone reads them)."""

@@ -21,8 +21,9 @@ class RouterStage:
                        stats: StepStats, guess: Callable[[mx.array], mx.array] | None = None
                        ) -> tuple[Attended, Routed]:
         """`make_att()` builds this layer's attention; `guess(h)`: the next layer's likely
-        experts. One device trip evaluates the previous layer's experts, this layer's
-        attention and its routing; the shared expert then starts while experts are read."""
+        experts. One device trip (device_trip_ms) evaluates the previous layer's experts,
+        this layer's attention and its routing. Overlap point: the shared expert is then
+        started (async_eval) and evaluates while the routed experts are read."""
         t0 = time.perf_counter()
         box: list[Attended] = []
 
@@ -40,7 +41,7 @@ class RouterStage:
         guessed = np.array(rest[0]) if guess is not None else None
         t1 = time.perf_counter()
         experts = tuple(int(e) for e in np.unique(inds))
-        stats.attention_ms += (t1 - t0) * 1e3
-        stats.router_ms += (time.perf_counter() - t1) * 1e3
+        stats.device_trip_ms += (t1 - t0) * 1e3
+        stats.route_host_ms += (time.perf_counter() - t1) * 1e3
         return att, Routed(att.layer, inds, scores, experts, shared, guessed)
 

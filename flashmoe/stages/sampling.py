@@ -21,16 +21,19 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
 
 
 class SamplingStage:
-    def __init__(self, worker: MlxWorker, sampler: Sampler) -> None:
-        self.worker, self.sampler = worker, sampler
+    def __init__(self, worker: MlxWorker) -> None:
+        self.worker = worker
 
-    async def __call__(self, logits: mx.array, stats: StepStats) -> int:
+    async def __call__(self, logits: mx.array, sampler: Sampler, stats: StepStats) -> int:
+        """The sampler is the session's: sessions on one model sample independently."""
         t0 = time.perf_counter()
-        tok = await self.worker.numpy(self._sample, logits)
+        tok = await self.worker.numpy(_sample, logits, sampler)
         stats.sampling_ms += (time.perf_counter() - t0) * 1e3
         return int(tok[0].reshape(-1)[0])
 
-    def _sample(self, logits: mx.array):
-        last = logits[:, -1, :]
-        logprobs = last - mx.logsumexp(last, axis=-1, keepdims=True)
-        return (self.sampler(logprobs),)
+
+
+def _sample(logits: mx.array, sampler: Sampler) -> tuple[mx.array]:
+    last = logits[:, -1, :]
+    logprobs = last - mx.logsumexp(last, axis=-1, keepdims=True)
+    return (sampler(logprobs),)

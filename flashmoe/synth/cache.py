@@ -1,8 +1,9 @@
 """Build a synthetic checkpoint once per parameter set and reuse it from the user cache.
 
 A build happens in a hidden temporary directory and becomes visible with one `os.rename`,
-so an interrupted build is never mistaken for a finished one. Concurrent builders of the
-same key serialise on a `flock`; whoever gets the lock second finds the result and returns.
+so an interrupted build is never mistaken for a finished one (flashmoe/runtime/staging.py).
+Concurrent builders of the same key serialise on a `flock`; whoever gets the lock second
+finds the result and returns.
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from flashmoe.errors import CheckpointError, ConfigError
+from flashmoe.runtime.staging import staged
 
 FORMAT_VERSION = 1  # bump when the writers change what they put on disk
 MARKER = "flashmoe-synth.json"  # written last inside the temporary directory
@@ -52,9 +53,10 @@ def is_complete(path: Path) -> bool:
 
 def cached_checkpoint(
     kind: str, params: dict[str, Any], builder: Callable[[Path], Any],
-    *, cache_dir: Path | str | None = None,
+    *, cache_dir: Path | str | None = None, log: Any = None,
 ) -> Path:
-    """The finished checkpoint for (kind, params), calling `builder(tmp_dir)` if absent."""
+    """The finished checkpoint for (kind, params), calling `builder(tmp_dir)` to fill an empty
+    temp folder if absent (runtime/staging.py: orphans of killed builds are removed first)."""
     root = cache_root(cache_dir)
     key = cache_key(kind, params)
     final = root / key
@@ -71,22 +73,18 @@ def cached_checkpoint(
         if is_complete(final):
             return final
         _remove_stale(root, key, final)
-        tmp = root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
+        hint = f"set {ENV_DIR} to a folder on a disk with more space"
+        with staged(final, needed=None, hint=hint, log=log) as tmp:  # renamed to final at the end
             start = time.perf_counter()
             builder(tmp)
             record = {"kind": kind, "params": params, "format": FORMAT_VERSION,
                       "build_s": round(time.perf_counter() - start, 3)}
             (tmp / MARKER).write_text(json.dumps(record, indent=2))
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return final
 
 
 def _remove_stale(root: Path, key: str, final: Path) -> None:
-    """Leftovers of killed builds of `key`: safe to delete, since we hold its lock."""
+    """Leftovers of builds of `key` by older versions: safe to delete, since we hold its lock."""
     for stale in root.glob(f".{key}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     if final.exists():  # no marker: written by hand or by an older, non-atomic version

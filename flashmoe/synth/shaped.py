@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from flashmoe.constants import BITS, GROUP_SIZES
 from flashmoe.errors import ConfigError
+from flashmoe.runtime.staging import check_space
+from flashmoe.synth.cache import ENV_DIR
 from flashmoe.synth.tokenizer import SPECIAL, write_tokenizer
 from flashmoe.synth.writer import TensorSpec, dense, quantized, write_checkpoint
 
 TOKENIZER_VOCAB = 4096  # trained BPE size; a larger model vocab is padded (see pad_tokenizer)
-SUPPORTED_BITS = (2, 3, 4, 8)
 ROUTER_QUANT = {"group_size": 64, "bits": 8}  # mlx-lm's qwen3_5 quant_predicate
 
 
@@ -56,9 +58,9 @@ class Qwen35Dims:
 
 def validate(dims: Qwen35Dims, bits: int, group_size: int) -> None:
     """Raise ConfigError for sizes mlx-lm could not load or quantize."""
-    if bits not in SUPPORTED_BITS:
-        raise ConfigError(f"bits={bits} is not supported for experts; use one of {SUPPORTED_BITS}")
-    if group_size not in (32, 64, 128):
+    if bits not in BITS:
+        raise ConfigError(f"bits={bits} is not supported for experts; use one of {BITS}")
+    if group_size not in GROUP_SIZES:
         raise ConfigError(f"group_size={group_size} must be 32, 64 or 128 (mlx affine groups)")
     if dims.layers < 1:
         raise ConfigError(f"layers={dims.layers} must be at least 1")
@@ -218,10 +220,12 @@ def pad_tokenizer(path: Path, vocab_size: int, seed: int = 0) -> None:
 def build_qwen35(
     path: Path | str, dims: Qwen35Dims, *, bits: int = 4, group_size: int = 64, seed: int = 0,
     progress: bool = True, label: str = "synthetic qwen3_5_moe",
+    hint: str = f"set {ENV_DIR} (or model.path for model=synth) to a folder with more space",
 ) -> Path:
     """Write tokenizer, config.json and the streamed shards of `dims` into `path`."""
     specs = qwen35_specs(dims, bits, group_size)  # validates before touching the disk
     path = Path(path)
+    check_space(path, sum(s.nbytes for s in specs), hint)  # before the first byte
     path.mkdir(parents=True, exist_ok=True)
     base = write_tokenizer(path, min(TOKENIZER_VOCAB, dims.vocab_size))
     if dims.vocab_size > base:

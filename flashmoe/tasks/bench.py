@@ -8,12 +8,19 @@ from typing import Any
 from omegaconf import DictConfig
 from rich.progress import Progress
 
-from flashmoe.engine import Engine, Totals
-from flashmoe.runtime.baseline import run_baseline
-from flashmoe.runtime.probe import drop_page_cache, probe
+from flashmoe.constants import GIB
+from flashmoe.errors import FlashMoeError
+from flashmoe.engine import Engine, ReadTrace, Session
+from flashmoe.bench.baseline import run_baseline
+from flashmoe.bench.probe import drop_page_cache, probe
+from flashmoe.runtime.platform_io import cold_method
 from flashmoe.tasks.common import (STAGE_KEYS, SYNTHETIC_NOTE, open_engine, run_summary,
                                    token_figures, warn_device)
 from flashmoe.config import model_kind
+
+
+class BenchCheckError(FlashMoeError):
+    """The timed tokens are not mlx-lm's: the bench withholds its speed."""
 
 
 async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
@@ -29,12 +36,13 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     # and engine and probe both read warm pages; cold: a short warm-up (allocations) only
     warm_tokens = t.warmup if t.cold else max(t.warmup, t.tokens)
     if warm_tokens:
-        await _decode(engine, prompt, warm_tokens, log=None)
-    reps, trace = [], []
+        await _decode(engine.session(), prompt, warm_tokens, log=None)
+    reps, trace, streams = [], [], []
     for r in range(t.repeats):
-        rep, rep_trace = await _measured(engine, prompt, t.tokens, t.cold, log, r)
+        rep, rep_trace, stream = await _measured(engine, prompt, t.tokens, t.cold, log, r)
         reps.append(rep)
         trace += rep_trace
+        streams.append(stream)
     extra = _medians(reps)
     read_bytes = sum(r["decode_bytes"] for r in reps)
     read_ms = sum(r["decode_fetch_ms"] for r in reps)
@@ -42,24 +50,33 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     extra["probe_tokens"] = sum(r["generated_tokens"] - 1 for r in reps) or 1
     extra.update(_probe(engine, trace, cfg, extra))
     extra.update(await _overlap(engine, prompt, t.tokens, extra))
+    baseline = None
+    if t.baseline == "mlx_lm" or t.check == "mlx_lm":
+        baseline = _run_baseline(engine, prompt, t.tokens, cfg)
+    if t.check == "mlx_lm":
+        extra.update(check_tokens(streams, baseline))
     if t.baseline == "mlx_lm":
-        extra.update(_baseline(engine, prompt, t.tokens, cfg, extra))
+        extra.update(_baseline(baseline, extra))
     extra.update(bench_cold=t.cold, bench_tokens=t.tokens, repeats=t.repeats)
+    if t.cold:  # what "cold" meant on this platform
+        extra["cold_method"] = cold_method()
     if model_kind(cfg.model) in ("demo", "synth"):
         extra["note"] = SYNTHETIC_NOTE
-    engine.totals = Totals()  # the summary figures are the medians above
-    out = run_summary(cfg, engine, None, "ok")
+    out = run_summary(cfg, engine, None, "ok")  # the summary figures are the medians above
     out.update(extra)
     return out
 
 
-async def _decode(engine: Engine, prompt: list[int], n: int, log: Any,
-                  progress: Progress | None = None, task_id: Any = None) -> int:
+async def _decode(session: Session, prompt: list[int], n: int, log: Any,
+                  progress: Progress | None = None, task_id: Any = None,
+                  trace: ReadTrace | None = None, stream: list[int] | None = None) -> int:
     """Generate n tokens (no stop token: a bench always runs its full length)."""
     first_trace = 0
-    async for ev in engine.generate(prompt, n):
-        if ev.position == len(prompt) and engine.pipeline.fetch.trace is not None:
-            first_trace = len(engine.pipeline.fetch.trace)  # reads of the prompt pass
+    async for ev in session.generate(prompt, n):
+        if stream is not None:
+            stream.append(ev.token_id)
+        if ev.position == len(prompt) and trace is not None:
+            first_trace = trace.mark()  # reads of the prompt pass
         if log is not None:
             log.info("token_sampled", token_id=ev.token_id, position=ev.position, **ev.stats)
         if progress is not None:
@@ -68,24 +85,28 @@ async def _decode(engine: Engine, prompt: list[int], n: int, log: Any,
 
 
 async def _measured(engine: Engine, prompt: list[int], n: int, cold: bool, log: Any,
-                    rep: int) -> tuple[dict, list]:
+                    rep: int) -> tuple[dict, list, list[int]]:
     if cold:
         engine.reset_cache()
-        drop_page_cache(engine.store.files)
-    engine.totals, engine.pipeline.fetch.trace = Totals(), []
+        drop_page_cache(engine.files)
+    trace, stream = ReadTrace(), []
+    session = engine.session(observer=trace)
     with Progress(transient=True) as bar:  # rich writes to stderr when stdout is text
         tid = bar.add_task(f"bench repeat {rep + 1}", total=n)
-        skip = await _decode(engine, prompt, n, log, bar, tid)
-    rep_figs = token_figures(engine.totals)
-    rep_figs["decode_bytes"] = sum(s.bytes_read for s in engine.totals.steps[1:])
-    rep_figs["decode_fetch_ms"] = sum(s.expert_fetch_ms for s in engine.totals.steps[1:])
-    hits = sum(s.experts_hit for s in engine.totals.steps[1:])
-    fetched = sum(s.experts_fetched for s in engine.totals.steps[1:])
+        skip = await _decode(session, prompt, n, log, bar, tid, trace, stream)
+    totals = session.totals
+    rep_figs = token_figures(totals)
+    rep_figs["decode_bytes"] = sum(s.bytes_read for s in totals.steps[1:])
+    rep_figs["decode_fetch_ms"] = sum(s.expert_fetch_ms for s in totals.steps[1:])
+    hits = sum(s.experts_hit for s in totals.steps[1:])
+    fetched = sum(s.experts_fetched for s in totals.steps[1:])
     rep_figs["cache_hit_rate"] = round(hits / (hits + fetched), 4) if hits + fetched else 0.0
-    decode_trace = engine.pipeline.fetch.trace[skip:]
-    engine.pipeline.fetch.trace = None
+    host = sum(s.extra.get("experts_host_hit", 0) for s in totals.steps[1:])
+    if host:  # the host tier's share of all lookups (cache.host_budget_gb)
+        rep_figs["host_hit_rate"] = round(host / (hits + fetched + host), 4)
+    decode_trace = trace.batches[skip:]
     log.info("bench_repeat", repeat=rep, **rep_figs)
-    return rep_figs, decode_trace
+    return rep_figs, decode_trace, stream
 
 
 def _medians(reps: list[dict]) -> dict:
@@ -98,7 +119,7 @@ def _probe(engine: Engine, trace: list, cfg: DictConfig, figs: dict) -> dict:
     if not trace:
         return {"probe_gbps": 0.0, "fetch_vs_probe": 0.0, "probe_note": "no expert reads to probe"}
     if cfg.task.cold:
-        drop_page_cache(engine.store.files)
+        drop_page_cache(engine.files)
     res = probe(trace, cfg.io.threads)
     gbps = res.gbps
     return {"probe_gbps": round(gbps, 3),
@@ -109,14 +130,12 @@ def _probe(engine: Engine, trace: list, cfg: DictConfig, figs: dict) -> dict:
 async def _overlap(engine: Engine, prompt: list[int], n: int, figs: dict) -> dict:
     """Compute alone (reads skipped, stale slots) vs reads alone (the probe) vs both."""
     engine.reset_cache()
-    engine.totals = Totals()
-    engine.pipeline.fetch.skip_reads = True
+    session = engine.session(read_experts=False)
     try:
-        await _decode(engine, prompt, n, log=None)
+        await _decode(session, prompt, n, log=None)
     finally:
-        engine.pipeline.fetch.skip_reads = False
         engine.reset_cache()  # those slots hold stale bytes: never serve them
-    compute = [sum(s.as_dict()[k] for k in STAGE_KEYS) for s in engine.totals.steps[1:]]
+    compute = [sum(s.as_dict()[k] for k in STAGE_KEYS) for s in session.totals.steps[1:]]
     compute_ms = statistics.median(compute) if compute else 0.0
     read_ms = figs.get("probe_ms_per_token", 0.0)
     token_ms = figs["median_token_ms"]
@@ -125,12 +144,16 @@ async def _overlap(engine: Engine, prompt: list[int], n: int, figs: dict) -> dic
             "overlap_ratio": round(token_ms / alone, 4) if alone else 0.0}
 
 
-def _baseline(engine: Engine, prompt: list[int], n: int, cfg: DictConfig, figs: dict) -> dict:
-    size_gb = sum(f.stat().st_size for f in engine.path.glob("*.safetensors")) / 2**30
+def _run_baseline(engine: Engine, prompt: list[int], n: int, cfg: DictConfig) -> dict:
+    size_gb = sum(f.stat().st_size for f in engine.path.glob("*.safetensors")) / GIB
     limit = cfg.hardware.memory_gb if size_gb > cfg.hardware.memory_gb else None
     res = run_baseline(engine.path, prompt, n, engine.options.dtype, engine.k, limit_gb=limit)
+    return {**res, "checkpoint_gb": round(size_gb, 3)}
+
+
+def _baseline(res: dict, figs: dict) -> dict:
     out = {"baseline": "mlx_lm", "baseline_status": res["status"], "baseline_limit": res["limit"],
-           "checkpoint_gb": round(size_gb, 3)}
+           "checkpoint_gb": res["checkpoint_gb"]}
     if res["status"] == "ok":
         out.update(baseline_tok_s=round(res["tok_s"], 3),
                    baseline_peak_rss_gb=round(res["peak_rss_gb"], 3),
@@ -138,3 +161,24 @@ def _baseline(engine: Engine, prompt: list[int], n: int, cfg: DictConfig, figs: 
     else:
         out["baseline_error"] = res.get("error", res["status"])
     return out
+
+
+def check_tokens(streams: list[list[int]], baseline: dict) -> dict:
+    """task.check=mlx_lm: every timed stream must be resident mlx-lm's greedy stream.
+
+    A bench whose tokens differ measured something other than the model: no speed is reported
+    (one flashmoe: line, status=error). A reference that could not run says so instead."""
+    if baseline["status"] != "ok":
+        return {"tokens_match": None, "check_status": baseline["status"],
+                "check_error": baseline.get("error", baseline["status"])}
+    want = baseline["token_ids"]
+    for r, got in enumerate(streams):
+        if got != want:
+            at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b),
+                      min(len(got), len(want)))
+            raise BenchCheckError(
+                f"bench repeat {r + 1}: generated token {at} is {got[at] if at < len(got) else None}"
+                f" but resident mlx-lm gives {want[at] if at < len(want) else None}; the speed of "
+                "a run that decodes other tokens is not reported (task.check=mlx_lm). Report "
+                "this with the run directory's flashmoe.jsonl")
+    return {"tokens_match": True, "check_status": "ok"}

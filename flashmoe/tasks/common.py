@@ -7,9 +7,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from flashmoe.config import model_kind, validate
+from flashmoe.config import model_kind
+from flashmoe.config_errors import config_error
 from flashmoe.engine import Engine, EngineOptions, Totals
-from flashmoe.errors import CheckpointError
+from flashmoe.errors import CheckpointError, OptionError
 from flashmoe.runtime.memory import peak_rss_gb
 
 SYNTHETIC_NOTE = "synthetic random weights: the text is gibberish by design"
@@ -38,15 +39,18 @@ def checkpoint_path(cfg: DictConfig) -> Path:
 
 
 def engine_options(cfg: DictConfig, **extra: Any) -> EngineOptions:
+    """The validated config (app.main ran config.validate) mapped onto EngineOptions."""
     dtype = cfg.hardware.dtype
     if cfg.hardware.device == "gpu" and not gpu_available():
         dtype = "float32"  # the CPU fallback: bf16 activations are ~9x slower there
     return EngineOptions(
         experts_per_token=cfg.model.experts_per_token, io_split=cfg.io.split,
         io_threads=cfg.io.threads, io_retries=cfg.io.retries, io_direct=cfg.io.direct,
-        io_verify=cfg.io.verify, layout=cfg.io.layout, cache_policy=cfg.cache.policy,
+        io_verify=cfg.io.verify, cuda_copy=cfg.io.cuda_copy, layout=cfg.io.layout,
+        cache_policy=cfg.cache.policy,
         prefetch=cfg.cache.prefetch,
-        cache_budget_gb=cfg.cache.budget_gb, device=cfg.hardware.device,
+        cache_budget_gb=cfg.cache.budget_gb, cache_host_budget_gb=cfg.cache.host_budget_gb,
+        device=cfg.hardware.device,
         dtype=dtype, **extra)
 
 
@@ -57,27 +61,25 @@ def gpu_available() -> bool:
 
 
 async def open_engine(cfg: DictConfig, **extra: Any) -> Engine:
-    """Validate config against the checkpoint, then open the streaming engine."""
+    """Open the streaming engine on the (validated) config; the engine's checks against the
+    checkpoint come back named by config key."""
     path = checkpoint_path(cfg)
-    engine = await Engine.open(path, engine_options(cfg, **extra))
     try:
-        validate(cfg, num_experts=engine.num_experts, max_context=max_context(engine))
-    except BaseException:
-        await engine.aclose()
-        raise
-    return engine
+        return await Engine.open(path, engine_options(cfg, **extra))
+    except OptionError as e:
+        raise config_error(e) from None
 
 
 def warn_device(engine: Engine, log: Any) -> None:
-    w = engine.worker
-    if w.requested != w.device:
-        log.warning("device_unavailable", requested=w.requested, using=w.device,
+    if engine.requested_device != engine.device:
+        log.warning("device_unavailable", requested=engine.requested_device, using=engine.device,
                     dtype=engine.options.dtype,
-                    hint="this MLX build has no GPU backend; running on the CPU in float32")
+                    hint="this MLX build has no GPU backend; running on the CPU in float32 "
+                    "(the run's first stderr line says how to install the GPU build)")
 
 
 def max_context(engine: Engine) -> int | None:
-    cfg = engine.resident.config
+    cfg = engine.config
     return (cfg.get("text_config", cfg)).get("max_position_embeddings")
 
 
@@ -89,14 +91,19 @@ def run_summary(cfg: DictConfig, engine: Engine | None, totals: Totals | None,
         "io_threads": cfg.io.threads, "cache_policy": cfg.cache.policy,
         "experts_per_token": engine.k if engine else cfg.model.experts_per_token,
         "peak_rss_gb": round(peak_rss_gb(), 3),
-        "device": engine.worker.device if engine else cfg.hardware.device,
+        "device": engine.device if engine else cfg.hardware.device,
     }
     if engine is not None and totals is not None:
         out.update(token_figures(totals))
         hits, misses = engine.cache_stats()
         out["cache_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else 0.0
+        host = engine.host_hits()
+        if engine.options.cache_host_budget_gb:  # per tier: of all lookups, served by each
+            total = hits + misses + host
+            out["host_hit_rate"] = round(host / total, 4) if total else 0.0
+            out["device_hit_rate"] = round(hits / total, 4) if total else 0.0
         out["model_path"] = str(engine.path)
-        out["model_type"] = engine.resident.config.get("model_type")
+        out["model_type"] = engine.config.get("model_type")
         out["slot_gb"] = round(engine.slot_bytes / 1e9, 3)
     out.update(extra)
     return out
@@ -134,4 +141,5 @@ def prefetch_figures(steps: list) -> dict:
     return {"prefetch_accuracy": round(hits / needed, 4), "prefetch_issued": issued}
 
 
-STAGE_KEYS = ("attention_ms", "router_ms", "expert_fetch_ms", "expert_compute_ms", "sampling_ms")
+STAGE_KEYS = ("device_trip_ms", "route_host_ms", "expert_fetch_ms", "expert_compute_ms",
+              "sampling_ms")

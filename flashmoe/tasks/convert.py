@@ -7,7 +7,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from flashmoe.errors import ConfigError
-from flashmoe.tools.smollm2 import convert_smollm2
+from flashmoe.checkpoints.convert.smollm2 import convert_smollm2
 
 
 async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
@@ -16,7 +16,8 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
         raise ConfigError("task.out is unset: task=convert needs task.out=DIR for the checkpoint")
     out = Path(t.out).expanduser()
     log.info("convert_started", source=t.source, variant=t.variant, experts=t.experts, out=str(out))
-    convert_smollm2(out, experts=t.experts, variant=t.variant)
+    convert_smollm2(out, experts=t.experts, variant=t.variant, log=log,
+                    hint="choose another folder with task.out=DIR")
     return {"status": "ok", "hardware": cfg.hardware.name, "io_split": cfg.io.split,
             "io_threads": cfg.io.threads, "experts_per_token": None, "out": str(out),
             "variant": t.variant, "experts": t.experts}

@@ -7,30 +7,38 @@ from typing import Any
 import mlx.core as mx
 from omegaconf import DictConfig
 
+from flashmoe.chat import chat_ids, has_chat_template
 from flashmoe.config import model_kind
+from flashmoe.engine import Engine
 from flashmoe.errors import ConfigError
+from flashmoe.prompts import resolve_prompt
 from flashmoe.stages.sampling import make_sampler
 from flashmoe.tasks.common import (SYNTHETIC_NOTE, max_context, open_engine, run_summary,
                                    warn_device)
 
 
 async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
-    """Generate; `state` lets the caller summarise an interrupted run."""
+    """Generate (or chat, on a terminal); `state` lets the caller summarise an interrupted run."""
+    source = resolve_prompt(cfg)  # a missing prompt_file fails before the model loads
     engine = state["engine"] = await open_engine(cfg)
     warn_device(engine, log)
-    prompt = engine.encode(cfg.prompt, chat=cfg.chat)
+    s = cfg.sampling
+    mx.random.seed(s.seed)
+    sampler = make_sampler(s.temperature, s.top_p, s.top_k, s.min_p)
+    if source.text is None:
+        from flashmoe.tasks.chat import chat
+
+        return await chat(cfg, engine, sampler, log)
+    prompt = encode_prompt(engine, source.text, cfg)
     limit = max_context(engine)
     if limit and len(prompt) + cfg.max_tokens > limit:
         raise ConfigError(f"prompt ({len(prompt)} tokens) + max_tokens={cfg.max_tokens} exceeds the "
                           f"model's context of {limit} tokens; shorten the prompt or lower max_tokens")
-    s = cfg.sampling
-    mx.random.seed(s.seed)
-    sampler = make_sampler(s.temperature, s.top_p, s.top_k, s.min_p)
     detok = engine.tokenizer.detokenizer
     detok.reset()
     stop = set(engine.tokenizer.eos_token_ids or ())
     log.info("generation_started", prompt_tokens=len(prompt), max_tokens=cfg.max_tokens,
-             model_path=str(engine.path))
+             model_path=str(engine.path), prompt_origin=source.origin, prompt_token_ids=prompt)
     async for ev in engine.generate(prompt, cfg.max_tokens, sampler, stop=stop):
         log.info("token_sampled", token_id=ev.token_id, position=ev.position, **ev.stats)
         if ev.token_id in stop:
@@ -43,3 +51,13 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     sys.stdout.flush()
     note = {"note": SYNTHETIC_NOTE} if model_kind(cfg.model) in ("demo", "synth") else {}
     return run_summary(cfg, engine, engine.totals, "ok", **note)
+
+
+def encode_prompt(engine: Engine, text: str, cfg: DictConfig) -> list[int]:
+    """The prompt's ids: the chat template with chat=true or a system message, else the text."""
+    if (cfg.chat or cfg.system is not None) and has_chat_template(engine.tokenizer):
+        return chat_ids(engine.tokenizer, text, cfg.system)
+    if cfg.system is not None:
+        raise ConfigError(f"system= needs a chat template and {engine.path} has none; drop "
+                          "system= (and chat=true) or put the instructions in the prompt")
+    return engine.encode(text)

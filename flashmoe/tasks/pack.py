@@ -9,8 +9,8 @@ from omegaconf import DictConfig
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from flashmoe.models.loader import load_resident
-from flashmoe.runtime.packed import DIRNAME, align_up, write_packed
-from flashmoe.runtime.safetensors_index import CheckpointIndex
+from flashmoe.checkpoints.packed import DIRNAME, align_up, write_packed
+from flashmoe.checkpoints.safetensors_index import CheckpointIndex
 from flashmoe.tasks.common import checkpoint_path
 
 
@@ -26,7 +26,8 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as bar:
         tid = bar.add_task("pack", total=total)
-        write_packed(resident.experts, out, align, progress=lambda n: bar.advance(tid, n))
+        write_packed(resident.experts, out, align, progress=lambda n: bar.advance(tid, n),
+                     log=log)
     if out != path / DIRNAME:
         print(f"flashmoe: packed into {out}; move it to {path / DIRNAME} for io.layout=auto "
               "to use it", file=sys.stderr)

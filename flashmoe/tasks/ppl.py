@@ -1,6 +1,6 @@
 """task=ppl: perplexity of a text file through the streaming engine, optionally against mlx-lm.
 
-Each window's whole prompt runs exactly through the streaming stages (Engine.logits); with
+Each window's whole prompt runs exactly through the streaming stages (Session.logits); with
 task.reference=mlx_lm the same windows also run through resident mlx-lm, in the engine's MLX
 thread, and the summary adds kl_mean (KL(mlx-lm || flashmoe)), top1_agreement and ref_ppl.
 See QUALITY.md for the scheme and the numbers.
@@ -9,25 +9,26 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import aiofiles
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+from flashmoe.constants import GIB
 from flashmoe.config import model_kind
 from flashmoe.engine import DTYPES, Engine, Totals
 from flashmoe.errors import CheckpointError, ConfigError
+from flashmoe.models.loader import widen_to_f32
 from flashmoe.quality import WindowScore, plan_windows, score_window, summarize
-from flashmoe.tasks.common import open_engine, run_summary, warn_device
+from flashmoe.tasks.common import max_context, open_engine, run_summary, warn_device
 
 DEFAULT_DATA = "pydoc_data"  # what the summary's `data` says when data=null
 DECODE_ONLY = ("tok_s", "ttft_s", "generated_tokens", "median_token_ms")
@@ -46,10 +47,15 @@ class Reference:
 
 async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     """Score every window of `data`; `state` lets the caller summarise an interrupted run."""
-    text, source = read_text(cfg.data)
+    text, source = await read_text(cfg.data)
     engine = state["engine"] = await open_engine(cfg)
+    session = state["session"] = engine.session()
     warn_device(engine, log)
     task = cfg.task
+    limit = max_context(engine)
+    if limit is not None and not 2 <= task.context <= limit:
+        raise ConfigError(f"task.context={task.context} must be between 2 and {limit} "
+                          "(the model's context)")
     ids = tokenize(engine, text)
     if len(ids) < 2:
         raise ConfigError(f"data={source} is {len(ids)} token(s) long with this model's tokenizer; "
@@ -66,7 +72,7 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     with _progress() as bar:
         job = bar.add_task("ppl", total=len(windows), ppl=float("nan"))
         for i, w in enumerate(windows):
-            logits = await _engine_logits(engine, ids[w.begin:w.end])
+            logits = await session.logits(ids[w.begin:w.end])  # accounted as prompt tokens
             ref_logits = await reference_logits(engine, ref, ids[w.begin:w.end],
                                                 logits.shape) if ref else None
             scores.append(score_window(w, ids, logits, ref_logits))
@@ -74,19 +80,19 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
             bar.update(job, advance=1, ppl=summarize(scores)["ppl"])
     result = summarize(scores, reference=ref is not None)
     extra = {"data": source, "data_tokens": len(ids), "context": task.context,
-             "stride": task.stride, **_rounded(result), **io_figures(engine.totals)}
+             "stride": task.stride, **_rounded(result), **io_figures(session.totals)}
     if ref is not None:
         extra.update(reference="mlx_lm", reference_k=ref.k, reference_path=str(ref.path),
                      k_reference=task.k_reference)
     if model_kind(cfg.model) in ("demo", "synth"):
         extra["note"] = RANDOM_NOTE
-    summary = run_summary(cfg, engine, engine.totals, "ok", **extra)
+    summary = run_summary(cfg, engine, session.totals, "ok", **extra)
     for key in DECODE_ONLY:  # no token is generated: these would read 0 or mislead
         summary.pop(key, None)
     return summary
 
 
-def read_text(data: str | None) -> tuple[str, str]:
+async def read_text(data: str | None) -> tuple[str, str]:
     """The text to score and how the summary names it; data=null: CPython's English docs."""
     if data is None:
         from flashmoe.synth.tokenizer import english_text
@@ -100,7 +106,8 @@ def read_text(data: str | None) -> tuple[str, str]:
         raise ConfigError(f"data={data} is not a file; give a UTF-8 text file, or data=null for "
                           "CPython's pydoc_data English")
     try:
-        text = path.read_text(encoding="utf-8")
+        async with aiofiles.open(path, encoding="utf-8") as f:
+            text = await f.read()
     except UnicodeDecodeError as e:
         raise ConfigError(f"data={data} is not UTF-8 text ({e.reason} at byte {e.start}); "
                           "convert it, e.g. iconv -t UTF-8") from None
@@ -122,15 +129,6 @@ def tokenize(engine: Engine, text: str) -> list[int]:
         hf_logging.set_verbosity(level)
 
 
-async def _engine_logits(engine: Engine, ids: Sequence[int]) -> np.ndarray:
-    """One exact streaming pass over the window, accounted as prompt tokens."""
-    t0 = time.perf_counter()
-    logits = await engine.logits(ids)
-    engine.totals.prompt_tokens += len(ids)
-    engine.totals.prompt_s += time.perf_counter() - t0
-    return logits
-
-
 async def load_reference(engine: Engine, reference_path: str | None, k_reference: str,
                          text: str, memory_gb: float | None = None) -> Reference:
     """mlx-lm resident on the engine's checkpoint (or `reference_path`), in the MLX thread.
@@ -139,8 +137,8 @@ async def load_reference(engine: Engine, reference_path: str | None, k_reference
     engine's K. The reference follows the engine's activation dtype policy (hardware.dtype).
     """
     path = Path(reference_path).expanduser() if reference_path else engine.path
-    config = _read_config(path)
-    size_gb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
+    config = await _read_config(path)
+    size_gb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / GIB
     if memory_gb is not None and size_gb > memory_gb:  # fail now rather than swap or be killed
         raise ConfigError(f"task.reference=mlx_lm loads {path} whole ({size_gb:.1f} GiB) but "
                           f"hardware.memory_gb={memory_gb}; use task.reference=none, or a smaller "
@@ -156,16 +154,17 @@ async def load_reference(engine: Engine, reference_path: str | None, k_reference
         patched = {**text_cfg, "num_experts_per_tok": k}
         overrides = {"text_config": patched} if "text_config" in config else patched
     dtype = DTYPES.get(engine.options.dtype) if engine.options.dtype else None
-    model, tokenizer = await engine.worker.build(_load_mlx_lm, path, overrides, dtype)
+    model, tokenizer = await engine.in_mlx_thread(_load_mlx_lm, path, overrides, dtype)
     if path != engine.path and list(tokenizer.encode(text[:4096])) != engine.encode(text[:4096]):
         raise ConfigError(f"task.reference_path={reference_path} tokenizes the text differently "
                           f"from {engine.path}; KL needs both models on one tokenizer")
     return Reference(model, path, k)
 
 
-def _read_config(path: Path) -> dict:
+async def _read_config(path: Path) -> dict:
     try:
-        return json.loads((path / "config.json").read_text())
+        async with aiofiles.open(path / "config.json", encoding="utf-8") as f:
+            return json.loads(await f.read())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}/config.json cannot be read ({e}); task.reference_path must "
                               "be an mlx-lm checkpoint directory") from None
@@ -182,8 +181,7 @@ def _load_mlx_lm(path: Path, overrides: dict | None, dtype: mx.Dtype | None) -> 
     # the engine's dtype policy (models/loader.py, Pipeline._embed), so that K and bits are
     # the only differences: f32 widens the bf16/f16 parameters, embeddings come out in dtype
     if dtype == mx.float32:
-        model.update(tree_map(lambda p: p.astype(mx.float32)
-                              if p.dtype in (mx.bfloat16, mx.float16) else p, model.parameters()))
+        widen_to_f32(model)
         mx.eval(model.parameters())
     if dtype is not None:
         _cast_embeddings(model, dtype)
@@ -214,8 +212,8 @@ def _cast_embeddings(model: nn.Module, dtype: mx.Dtype) -> None:
 async def reference_logits(engine: Engine, ref: Reference, ids: Sequence[int],
                            shape: tuple[int, ...]) -> np.ndarray:
     """mlx-lm's logits for every position of `ids` [L, V] (float32), checked against `shape`."""
-    (out,) = await engine.worker.numpy(
-        lambda: (ref.model(mx.array([list(ids)]))[0].astype(mx.float32),))
+    out = await engine.in_mlx_thread(
+        lambda: np.array(ref.model(mx.array([list(ids)]))[0].astype(mx.float32)))
     if out.shape != tuple(shape):
         raise CheckpointError(f"the reference {ref.path} gives logits of shape {out.shape}, "
                               f"flashmoe {tuple(shape)}: the vocabularies differ, so KL is "

@@ -7,7 +7,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from flashmoe.tasks.common import checkpoint_path
-from flashmoe.tools.requant import requant
+from flashmoe.checkpoints.requant import requant
 
 
 async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
@@ -17,7 +17,8 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     layer_bits = {int(k): int(v) for k, v in OmegaConf.to_container(t.layer_bits).items()}
     log.info("requant_started", source=str(src), out=str(dst), bits=t.bits,
              group_size=t.group_size, layer_bits=layer_bits)
-    requant(src, dst, bits=t.bits, group_size=t.group_size, layer_bits=layer_bits)
+    requant(src, dst, bits=t.bits, group_size=t.group_size, layer_bits=layer_bits, log=log,
+            hint="choose another folder with task.out=DIR")
     return {"status": "ok", "hardware": cfg.hardware.name, "io_split": cfg.io.split,
             "io_threads": cfg.io.threads, "experts_per_token": None, "out": str(dst),
             "bits": t.bits, "group_size": t.group_size}

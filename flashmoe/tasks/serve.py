@@ -96,7 +96,7 @@ def serve_figures(m: Metrics, sch: Scheduler) -> dict:
 
 
 def _vocab(engine: Engine) -> int:
-    cfg = engine.resident.config
+    cfg = engine.config
     return int(cfg.get("text_config", cfg)["vocab_size"])
 
 

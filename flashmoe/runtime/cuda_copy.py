@@ -1,0 +1,141 @@
+"""Expert bytes into CUDA slots through pinned staging and the driver's async copies.
+
+mlx-cuda's arrays are CUDA managed memory: a pread straight into a slot lands in host pages
+that the GPU's next read migrates page by page (5.3 GB/s on the H200). Reading into pinned
+host memory (cuMemHostAlloc) and copying each expert into the slot's own device address with
+cuMemcpyHtoDAsync_v2 measured 26.3 GB/s (issue 12, /work/shared/gpu-probes/um_probe2.py).
+MLX cannot wait on a foreign CUDA event, so the copy stream is synchronised before the
+evaluation that reads the slots.
+
+Everything here sits behind `select()`: it returns None (today's path: preads straight into
+the slots) unless MLX runs on a CUDA GPU and libcuda.so.1 has every entry point needed. Apple
+memory is truly unified and the CPU backend has no device memory: neither needs any of it.
+"""
+from __future__ import annotations
+
+import ctypes as C
+from typing import Callable
+
+import numpy as np
+
+LIBCUDA = "libcuda.so.1"
+SYMBOLS = ("cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent",
+           "cuStreamCreate", "cuStreamSynchronize", "cuMemHostAlloc", "cuMemFreeHost",
+           "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoH_v2")
+Loader = Callable[[str], object]  # ctypes.CDLL, or a fake in tests
+STAGING_ROWS = 64  # experts read per group (453 MB pinned at Qwen3.5-397B's 7 MB experts)
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+def address(view: np.ndarray) -> int:
+    """The address of a numpy view over MLX memory (np.frombuffer(memoryview(arr)...))."""
+    return view.ctypes.data
+
+
+class CudaCopy:
+    """One context (the primary one MLX uses), one non-blocking stream, pinned allocations."""
+
+    def __init__(self, lib) -> None:
+        self._cu = lib
+        u64, vp, sz = C.c_ulonglong, C.c_void_p, C.c_size_t
+        lib.cuMemcpyHtoDAsync_v2.argtypes = [u64, vp, sz, vp]
+        lib.cuMemcpyDtoH_v2.argtypes = [vp, u64, sz]
+        lib.cuStreamSynchronize.argtypes = [vp]
+        lib.cuMemHostAlloc.argtypes = [C.POINTER(vp), sz, C.c_uint]
+        lib.cuMemFreeHost.argtypes = [vp]
+        self._check("cuInit", lib.cuInit(0))
+        dev, ctx = C.c_int(), C.c_void_p()
+        self._check("cuDeviceGet", lib.cuDeviceGet(C.byref(dev), 0))
+        self._check("cuDevicePrimaryCtxRetain", lib.cuDevicePrimaryCtxRetain(C.byref(ctx), dev))
+        self._ctx = ctx
+        self.bind()
+        self._stream = C.c_void_p()
+        self._check("cuStreamCreate", lib.cuStreamCreate(C.byref(self._stream), 1))  # non-blocking
+        self._pinned: list[int] = []
+
+    def bind(self) -> None:
+        """Make MLX's context current in the calling thread (driver calls are per thread)."""
+        self._check("cuCtxSetCurrent", self._cu.cuCtxSetCurrent(self._ctx))
+
+    def host_alloc(self, nbytes: int) -> np.ndarray:
+        """Pinned (page-locked) host memory as a writable uint8 array; freed by close()."""
+        p = C.c_void_p()
+        self._check("cuMemHostAlloc", self._cu.cuMemHostAlloc(C.byref(p), max(nbytes, 1), 0))
+        self._pinned.append(p.value)
+        return np.ctypeslib.as_array((C.c_uint8 * max(nbytes, 1)).from_address(p.value))[:nbytes]
+
+    def to_device(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """Enqueue a copy of pinned `src` into slot memory `dst` (same byte count)."""
+        assert dst.nbytes == src.nbytes
+        self._check("cuMemcpyHtoDAsync_v2", self._cu.cuMemcpyHtoDAsync_v2(
+            address(dst), address(src), dst.nbytes, self._stream))
+
+    def to_host(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """Copy slot memory `src` into host `dst` now (a demotion to the host tier)."""
+        assert dst.nbytes == src.nbytes
+        self._check("cuMemcpyDtoH_v2", self._cu.cuMemcpyDtoH_v2(address(dst), address(src),
+                                                                 dst.nbytes))
+
+    def synchronize(self) -> None:
+        """Every enqueued copy has landed: call before an evaluation reads the slots."""
+        self._check("cuStreamSynchronize", self._cu.cuStreamSynchronize(self._stream))
+
+    def close(self) -> None:
+        for p in self._pinned:
+            self._cu.cuMemFreeHost(p)
+        self._pinned = []
+
+    def _check(self, name: str, rc: int) -> None:
+        if rc != 0:
+            raise CudaError(f"{name} returned CUDA error {rc}")
+
+
+class PinnedStaging:
+    """`rows` experts' worth of pinned host memory, parts back to back per row, so a packed
+    expert is one read; reads land here, then one async copy per part goes to the slot."""
+
+    def __init__(self, cuda: CudaCopy, parts, rows: int = STAGING_ROWS) -> None:
+        self.rows = rows
+        sizes = [p.nbytes for p in parts]
+        self._cuts = list(zip(np.cumsum([0, *sizes[:-1]]).tolist(), sizes))
+        self._buf = cuda.host_alloc(rows * sum(sizes)).reshape(rows, sum(sizes))
+
+    def views(self, row: int) -> list[np.ndarray]:
+        return [self._buf[row, a:a + n] for a, n in self._cuts]
+
+
+def select(device: str, loader: Loader = C.CDLL, gpu_is_cuda: bool | None = None
+           ) -> CudaCopy | None:
+    """The CUDA copy path when MLX runs on a CUDA GPU and the driver has what it needs;
+    None (reads straight into the slots) on the CPU, on Metal, or without libcuda."""
+    if device != "gpu":
+        return None
+    if gpu_is_cuda is None:
+        gpu_is_cuda = _mlx_cuda()
+    if not gpu_is_cuda:
+        return None
+    try:
+        lib = loader(LIBCUDA)
+    except OSError:
+        return None
+    if not all(hasattr(lib, s) for s in SYMBOLS):
+        return None
+    try:
+        return CudaCopy(lib)
+    except CudaError:
+        return None
+
+
+def _mlx_cuda() -> bool:
+    import mlx.core as mx
+
+    cuda = getattr(mx, "cuda", None)
+    return bool(cuda is not None and cuda.is_available())
+
+
+def host_allocator(copy: CudaCopy | None) -> Callable[[int], np.ndarray] | None:
+    """Pinned rows for the host tier on CUDA (fast copies both ways); plain memory elsewhere."""
+    return copy.host_alloc if copy is not None else None

@@ -1,0 +1,91 @@
+"""The host-RAM tier behind the device slots (cache.host_budget_gb).
+
+An expert evicted from the slots is demoted here (its file bytes copied out) instead of being
+dropped; a miss that finds it here is promoted (copied back into its new slot) instead of
+read from disk. The tiers are exclusive: an expert lives in the slots or here, so their
+capacities add. Least recently demoted goes first when full. On CUDA builds the rows are
+pinned host memory (cuda_copy.py) when the driver is there; elsewhere plain numpy memory,
+which on Apple silicon only duplicates the page cache (its default there is 0).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+
+from flashmoe.runtime.cuda_copy import CudaCopy
+
+Key = tuple[int, int]  # (layer, expert)
+Alloc = Callable[[int], np.ndarray]  # nbytes -> writable 1-D uint8 buffer
+
+
+class HostTier:
+    """`n` rows of one expert's file bytes (parts back to back, in `parts` order)."""
+
+    def __init__(self, part_bytes: list[int], n: int, alloc: Alloc | None = None,
+                 cuda: CudaCopy | None = None) -> None:
+        self.n, self.row_bytes, self._cuda = n, sum(part_bytes), cuda
+        self._cuts = np.cumsum([0, *part_bytes]).tolist()
+        raw = (alloc or _numpy_alloc)(max(n, 1) * self.row_bytes)
+        self._rows = raw[: n * self.row_bytes].reshape(n, self.row_bytes)  # lazily backed
+        self._table: OrderedDict[Key, int] = OrderedDict()  # least recently demoted first
+        self._free = list(range(n - 1, -1, -1))
+        self.hits = self.demoted = self.dropped = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._rows.nbytes
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._table
+
+    def demote(self, key: Key, views: list[np.ndarray]) -> None:
+        """Keep a copy of an expert leaving the slots (`views`: its parts' file bytes)."""
+        if self.n == 0:
+            return
+        if key in self._table:  # cannot happen with exclusive tiers; stay correct anyway
+            self._free.append(self._table.pop(key))
+        if not self._free:
+            _, row = self._table.popitem(last=False)
+            self._free.append(row)
+            self.dropped += 1
+        row = self._free.pop()
+        if self._cuda is not None:
+            self._cuda.synchronize()  # a promotion's copy may still read this row
+        dst = self._rows[row]
+        for v, a, b in zip(views, self._cuts, self._cuts[1:]):
+            if self._cuda is not None:
+                self._cuda.to_host(dst[a:b], v.reshape(-1))  # device memory, no migration
+            else:
+                dst[a:b] = v.reshape(-1)
+        self._table[key] = row
+        self.demoted += 1
+
+    def take(self, key: Key) -> int:
+        """Reserve the expert's row for a promotion: it leaves the table but is not reused
+        (a demotion in between must not overwrite it) until copy_back()."""
+        return self._table.pop(key)
+
+    def promote(self, key: Key, views: list[np.ndarray]) -> None:
+        self.copy_back(self.take(key), views)
+
+    def copy_back(self, row: int, views: list[np.ndarray]) -> None:
+        """Copy a taken row into its new slot's `views` and free the row. On CUDA the copy is
+        enqueued: synchronise before reading the slot (demote() does before reusing a row)."""
+        src = self._rows[row]
+        for v, a, b in zip(views, self._cuts, self._cuts[1:]):
+            if self._cuda is not None:
+                self._cuda.to_device(v.reshape(-1), src[a:b])
+            else:
+                v.reshape(-1)[:] = src[a:b]
+        self._free.append(row)
+        self.hits += 1
+
+    def clear(self) -> None:
+        self._free.extend(self._table.values())
+        self._table.clear()
+
+
+def _numpy_alloc(nbytes: int) -> np.ndarray:
+    return np.empty(nbytes, dtype=np.uint8)
