@@ -101,3 +101,17 @@ def test_quantized_matmul_rows_independent_of_m():
         one = mx.gather_qmm(xe[i:i + 1], eq, es, eb, rhs_indices=inds[i:i + 1], transpose=True,
                             group_size=64, bits=4)
         assert mx.array_equal(g[i:i + 1], one).item()
+
+
+async def test_proxied_family_steps_one_at_a_time_exactly(tiny):
+    """A family run through mlx-lm's own forward (olmoe) is not batched: the runner steps its
+    sequences one by one, still giving each its solo tokens."""
+    path = tiny("olmoe")
+    ps = prompts(3)
+    solo = [(await flashmoe_greedy(path, p, STEPS))[0] for p in ps]
+    engine = await Engine.open(path, EngineOptions(device=DEVICE), tokenizer=False)
+    try:
+        assert not BatchRunner(engine).batched
+        assert await run_batched(engine, ps, [0, 1, 3], STEPS) == solo
+    finally:
+        await engine.aclose()
