@@ -45,7 +45,7 @@ STAMP := $(VENV)/.installed-$(BACKEND)
 OTHERS := $(filter-out $(PKG_$(BACKEND)),$(PKG_cpu) $(PKG_cuda) $(PKG_cuda12))
 PIP_FROM := $(if $(WHEELS),--no-index --find-links $(abspath $(WHEELS)))
 
-.PHONY: run test fuzz mutate bench clean backend
+.PHONY: run test fuzz mutate bench soak serve browser clean backend
 
 backend:  ## which MLX build `make run` / `make test` install here, and why
 	@echo "$(BACKEND): $(WHY)"
@@ -79,6 +79,17 @@ mutate: $(STAMP)  ## 500 injected faults against the parity checks (~5 min); sco
 
 bench: $(STAMP)  ## io.split sweep on the demo, then the table
 	$(BIN)/python -m flashmoe -m task=bench io.split=1,2,4,8 $(ARGS)
+
+soak: $(STAMP)  ## the long server load test: 16 clients x 250 requests
+	$(BIN)/python -m pytest -q -m soak tests/test_serve_load.py $(ARGS)
+
+serve: $(STAMP)  ## the OpenAI-compatible server on http://127.0.0.1:8080 (demo model)
+	$(BIN)/python -m flashmoe task=serve $(ARGS)
+
+browser:  ## Debian's headless chromium for the chat-page test (skipped when absent)
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+	  || echo "make browser: chromium not installed (needs apt-get as root); the page test will skip"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

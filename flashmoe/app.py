@@ -23,7 +23,7 @@ from flashmoe.tasks.common import run_summary
 from flashmoe.tasks.dist import merge_summary, parallel_from
 
 TASKS = {"generate": "flashmoe.tasks.generate", "bench": "flashmoe.tasks.bench",
-         "ppl": "flashmoe.tasks.ppl", "pack": "flashmoe.tasks.pack",
+         "ppl": "flashmoe.tasks.ppl", "serve": "flashmoe.tasks.serve", "pack": "flashmoe.tasks.pack",
          "requant": "flashmoe.tasks.requant", "convert": "flashmoe.tasks.convert"}
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
@@ -166,7 +166,7 @@ def _print_summary(s: dict, run_dir: Path) -> None:
         parts += [f"{s['tok_s']:.2f} tok/s", f"TTFT {s['ttft_s']:.2f}s",
                   f"expert I/O {s['expert_io_ms_per_token']:.1f} ms/token",
                   f"{s.get('expert_gb_total', 0):.3f} GB experts read"]
-    for key in ("ppl", "fetch_vs_probe"):
+    for key in ("ppl", "fetch_vs_probe", "requests", "decode_tok_s"):
         if key in s:
             parts.append(f"{key} {s[key]}")
     if "note" in s:

@@ -33,6 +33,7 @@ class HardwareConfig:
     device: str = MISSING  # cpu | gpu
     dtype: str = MISSING  # activations: float32 | bfloat16 | float16
     ssd_gbps: float = MISSING  # documentation of the disk; reported next to achieved GB/s
+    max_batch: int = 8  # task=serve: sequences decoded together (the profile may lower it)
 
 
 @dataclass
@@ -102,6 +103,23 @@ class BenchTask(TaskConfig):
     check: str = "none"  # none | mlx_lm: the timed stream must equal resident mlx-lm's
     repeats: int = 3
     prompt: str = BENCH_PROMPT
+    concurrency: Optional[int] = None  # N: N sequences through the batched step (bench_batch)
+    verify_solo: bool = True  # concurrency: also run each prompt alone and compare tokens
+
+
+@dataclass
+class ServeTask(TaskConfig):
+    name: str = "serve"
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0: any free port (the URL line says which)
+    api_key: Optional[str] = None  # set: every /v1 request needs `Authorization: Bearer <key>`
+    max_batch: int = II("hardware.max_batch")
+    max_queue: int = 64
+    max_prompt_tokens: int = 4096
+    max_tokens_cap: int = 1024
+    prefill_chunk: int = 2048  # prompt tokens per scheduler step; 2048 = mlx-lm's split (exact)
+    max_body_kb: int = 1024
+    drain_s: float = 30.0  # Ctrl-C/SIGTERM: in-flight requests get this long to finish
 
 
 @dataclass
@@ -165,7 +183,7 @@ GROUP_SCHEMAS: tuple[tuple[str, type], ...] = (
     ("dist", DistConfig),
 )
 TASK_SCHEMAS: tuple[type[TaskConfig], ...] = (
-    GenerateTask, BenchTask, PplTask, PackTask, RequantTask, ConvertTask,
+    GenerateTask, BenchTask, ServeTask, PplTask, PackTask, RequantTask, ConvertTask,
 )
 BASELINES = ("none", "mlx_lm")
 K_REFERENCES = ("full", "same")
@@ -259,6 +277,10 @@ def _validate_task(cfg: DictConfig) -> None:
         _at_least(cfg, "task.repeats", 1)
         _one_of(cfg, "task.baseline", BASELINES)
         _one_of(cfg, "task.check", BASELINES)
+        if task.concurrency is not None:
+            _between(cfg, "task.concurrency", 1, 256)
+    elif task.name == "serve":
+        _validate_serve(cfg)
     elif task.name == "ppl":
         _at_least(cfg, "task.context", 2)
         _between(cfg, "task.stride", 1, task.context)
@@ -277,6 +299,18 @@ def _validate_task(cfg: DictConfig) -> None:
     for layer, bits in task.get("layer_bits", {}).items():
         if layer < 0 or bits not in BITS:
             _fail(f"task.layer_bits.{layer}", bits, "needs a layer index >= 0 and bits in 2, 3, 4, 8")
+
+
+def _validate_serve(cfg: DictConfig) -> None:
+    _between(cfg, "task.port", 0, 65535)
+    _between(cfg, "task.max_batch", 1, 256)
+    _at_least(cfg, "task.max_queue", 0)
+    for key in ("task.max_prompt_tokens", "task.max_tokens_cap", "task.prefill_chunk",
+                "task.max_body_kb"):
+        _at_least(cfg, key, 1)
+    _at_least(cfg, "task.drain_s", 0)
+    if cfg.task.api_key is not None and not str(cfg.task.api_key).strip():
+        _fail("task.api_key", "''", "must be a non-empty string, or null for no key")
 
 
 def validate(cfg: DictConfig) -> None:

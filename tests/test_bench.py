@@ -78,3 +78,22 @@ def test_check_refuses_a_speed_for_other_tokens():
         check_tokens([[5, 6, 7]], ok)
     skipped = check_tokens([[1]], {"status": "oom", "limit": "8G"})
     assert skipped["tokens_match"] is None and skipped["check_status"] == "oom"
+
+
+def test_bench_concurrency_sweep(tiny, tmp_path):
+    """task.concurrency=1,3: the batched path's figures, every stream equal to its solo run."""
+    path = tiny("qwen3_5_moe")
+    args = [sys.executable, "-m", "flashmoe", "-m", "task=bench", f"model.path={path}",
+            "hardware=linux_cpu", "cache=none", "task.concurrency=1,3", "task.tokens=4",
+            "task.repeats=1", "task.warmup=1", "hydra.sweep.dir=sweep"]
+    out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for n, run in zip((1, 3), ("0", "1")):
+        s = summary(tmp_path / "sweep" / run)
+        assert s["status"] == "ok" and s["concurrency"] == n and s["tokens_match_solo"] is True
+        assert s["tok_s_aggregate"] > 0 and s["itl_p99_ms"] >= s["itl_p50_ms"] > 0
+        assert abs(s["tok_s_per_sequence"] * n - s["tok_s_aggregate"]) < 1e-2 * s["tok_s_aggregate"]
+        assert 0 < s["union_experts_per_token"] <= 4 * s["experts_per_token"]  # 4 MoE layers
+    table = subprocess.run([sys.executable, "-m", "flashmoe.analyze", "sweep"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert "| task.concurrency | aggregate tok/s" in table.stdout

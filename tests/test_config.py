@@ -21,7 +21,7 @@ from flashmoe.runtime.logging import LOG_FILE, close_logging, setup_logging
 from flashmoe.runtime.memory import RssSampler, current_rss_gb, peak_rss_gb, total_memory_gb
 
 HARDWARE = ["auto", "h200", "linux_cpu", "m3max", "m4pro", "m5max"]
-TASKS = ["bench", "convert", "generate", "pack", "ppl", "requant"]
+TASKS = ["bench", "convert", "generate", "pack", "ppl", "requant", "serve"]
 
 
 def _ok(*overrides: str):
@@ -131,6 +131,10 @@ def test_load_profile_rejects_auto_and_unknown() -> None:
     ("task=ppl task.context=1", "task.context=1"), ("task=ppl task.stride=600", "task.stride=600"),
     ("task=requant task.bits=5", "task.bits=5"), ("task=requant +task.layer_bits={3:7}", "layer_bits.3"),
     ("task=pack task.align_bytes=1000", "task.align_bytes=1000"),
+    ("task=serve task.port=70000", "task.port=70000 must be between 0 and 65535"),
+    ("task=serve task.max_batch=0", "task.max_batch=0"),
+    ("task=serve task.max_tokens_cap=0", "task.max_tokens_cap=0"),
+    ("task=bench task.concurrency=0", "task.concurrency=0"),
 ])
 def test_bad_values_name_the_key(override: str, message: str) -> None:
     cfg = resolve_hardware(compose_config(["hardware=linux_cpu", *override.split()]))

@@ -27,6 +27,18 @@ QUALITY_COLUMNS = (
     ("kl_mean", "kl_mean", "{:.4f}"),
     ("top1_agreement", "top1_agreement", "{:.3f}"),
 )
+# Batched-bench columns (task=bench task.concurrency=N) replace the core ones when present.
+BATCH_COLUMNS = (
+    ("tok_s_aggregate", "aggregate tok/s", "{:.2f}"),
+    ("tok_s_per_sequence", "tok/s per sequence", "{:.2f}"),
+    ("expert_gb_per_token", "expert GB/token", "{:.4f}"),
+    ("union_experts_per_token", "experts/token after union", "{:.2f}"),
+    ("itl_p50_ms", "ITL p50 ms", "{:.0f}"),
+    ("itl_p99_ms", "ITL p99 ms", "{:.0f}"),
+    ("cpu_s_per_token", "CPU s/token", "{:.3f}"),
+    ("tokens_match_solo", "tokens = solo", "{}"),
+    ("peak_rss_gb", "peak RSS GB", "{:.2f}"),
+)
 MISSING = "-"
 
 
@@ -105,7 +117,8 @@ def _sort_key(value: str | None) -> tuple[int, float, str]:
 def table_columns(rows: list[Row]) -> list[tuple[str, str, str]]:
     """Metric columns to show: the core ones always, ppl/kl/top1 when any run has them."""
     quality = [c for c in QUALITY_COLUMNS if any(c[0] in r.metrics for r in rows)]
-    return [*CORE_COLUMNS, ("status", "status", "{}"), *quality]
+    batched = any("tok_s_aggregate" in r.metrics for r in rows)
+    return [*(BATCH_COLUMNS if batched else CORE_COLUMNS), ("status", "status", "{}"), *quality]
 
 
 def to_markdown(rows: list[Row]) -> str:

@@ -25,6 +25,10 @@ class BenchCheckError(FlashMoeError):
 
 async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     t = cfg.task
+    if t.concurrency is not None:  # the batched path (task=serve's decode step)
+        from flashmoe.tasks import bench_batch
+
+        return await bench_batch.run(cfg, log, state)
     engine = state["engine"] = await open_engine(cfg)
     warn_device(engine, log)
     prompt = engine.encode(t.prompt)

@@ -1,0 +1,67 @@
+"""One decode step for B sequences at once, exact per sequence.
+
+Each sequence keeps its own mlx-lm cache (KV or Gated DeltaNet state): its attention runs as
+its own small graph, all B of them in the layer's one device trip, with no padding and no
+shared batch cache. Their MLP-input rows are then stacked [B, 1, D] and go through the
+pipeline's own router → expert-fetch (the union, each expert read once) → expert-compute
+(one gather_qmm over every row) → head. Every one of those ops is row-wise, and MLX's CPU
+quantized matmuls give a row the same bits whatever M is (tests/test_batch.py measures it),
+so a sequence's logits do not depend on its batch mates.
+"""
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from flashmoe.stages.messages import Attended, StepStats
+from flashmoe.stages.pipeline import Pipeline, StepState
+
+
+class BatchStep:
+    """Decode one token for each of B sequences through one Pipeline's stages."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.p = pipeline
+
+    async def forward(self, tokens: Sequence[int], caches: Sequence[list[Any]],
+                      stats: StepStats) -> mx.array:
+        """Logits [B, 1, V] for token b appended to cache b (each cache advances by one).
+
+        The caller holds the model's step lock. One StepState carries the batch's stats and
+        slot grants; the caches stay per sequence (the state's own cache is unused)."""
+        p, fam, model = self.p, self.p.r.family, self.p.r.model
+        step = StepState([], stats)
+        x0 = await p.worker.build(p._embed, list(tokens))  # [1, B, D]
+        x0 = await p.worker.build(lambda: x0.reshape(len(tokens), 1, -1))  # [B, 1, D]
+        masks = await p.worker.build(
+            lambda: [fam.masks(model, x0[b:b + 1], c) for b, c in enumerate(caches)])
+        x_fn: Callable[[], mx.array] = lambda: x0  # noqa: E731 - a chain of graph builders
+        try:
+            for i, layer in enumerate(p.layers):
+                att_fn = partial(self._attend, i, layer, x_fn, [m[i] for m in masks],
+                                 [c[i] for c in caches])
+                block = fam.moe_block(layer)
+                if block is None:
+                    x_fn = partial(p._dense, layer, att_fn)
+                    continue
+                att, routed = await p.route(step, att_fn, block)
+                x_fn = await p.experts(step, att, routed, block)
+            t0 = time.perf_counter()  # the last trip: last layer's experts, norm, lm head
+            logits = await p.worker.run(lambda: p._head(x_fn(), False))
+            stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
+            return logits
+        finally:
+            p._release_pending(step)
+
+    def _attend(self, index: int, layer: nn.Module, x_fn: Callable[[], mx.array],
+                masks: list[Any], caches: list[Any]) -> Attended:
+        """Each sequence's attention on its own row and cache; rows stacked again."""
+        x = x_fn()  # [B, 1, D]
+        fam = self.p.r.family
+        h = mx.concatenate([fam.attention(layer, x[b:b + 1], m, c)
+                            for b, (m, c) in enumerate(zip(masks, caches))], axis=0)
+        return Attended(index, h, fam.mlp_input(layer, h))
