@@ -38,10 +38,10 @@ def cli(argv: Sequence[str]) -> None:
     """Free-text keys quoted for Hydra, the command line checked, then Hydra runs the job."""
     user_wants_trace = "HYDRA_FULL_ERROR" in os.environ
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them
+    _require_mlx_backend()  # first: the argument checks below import MLX themselves
     try:
         args = to_overrides(argv)
         precheck(args)
-        _require_mlx_backend()
         sys.argv = [sys.argv[0], *args]
         _job()
     except KeyboardInterrupt:  # Ctrl-C before a run started (a started run handles its own)

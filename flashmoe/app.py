@@ -136,7 +136,7 @@ async def _run(module: Any, cfg: DictConfig, log: Any, state: dict) -> dict:
         engine = state.get("engine")
         par = engine.options.parallel if engine is not None else None
         if par is not None:  # rank 0's summary carries every rank's I/O
-            summary = await merge_summary(par, engine.worker.run, summary)
+            summary = await merge_summary(par, engine.evaluated_in_mlx_thread, summary)
         return summary
     except DistError:
         stuck = True  # the MLX thread may never come back: closing it would wait forever

@@ -219,6 +219,10 @@ class Model:
     def requested_device(self) -> str:
         return self.worker.requested
 
+    async def evaluated_in_mlx_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) in the model's MLX thread and evaluate what it returns (collectives)."""
+        return await self.worker.run(fn, *args)
+
     async def in_mlx_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) in the model's MLX thread (e.g. a reference model beside it); return
         values are not evaluated: convert them there (np.array) if they must be."""
