@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from flashmoe.config import validate
+from flashmoe.config_validate import validate
 from flashmoe.config_errors import hydra_failure_message
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.dist import DistError, ExpertParallel

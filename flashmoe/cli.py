@@ -6,7 +6,8 @@ import shlex
 import sys
 from typing import Any, NoReturn, Sequence
 
-from flashmoe.config import compose_config, validate
+from flashmoe.config import compose_config
+from flashmoe.config_validate import validate
 from flashmoe.errors import ConfigError
 from flashmoe.hardware import resolve_hardware
 

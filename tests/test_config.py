@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from flashmoe.conf_dir import available_options, conf_dir
-from flashmoe.config import compose_config, hydra_error_message, model_kind, validate
+from flashmoe.config import compose_config, hydra_error_message, model_kind
+from flashmoe.config_validate import validate
 from flashmoe.errors import ConfigError
 from flashmoe.hardware import cuda_available, detect_profile, load_profile, resolve_hardware
 from flashmoe.runtime.logging import LOG_FILE, close_logging, setup_logging

@@ -39,7 +39,7 @@ def checkpoint_path(cfg: DictConfig) -> Path:
 
 
 def engine_options(cfg: DictConfig, **extra: Any) -> EngineOptions:
-    """The validated config (app.main ran config.validate) mapped onto EngineOptions."""
+    """The validated config (app.main ran config_validate.validate) mapped onto EngineOptions."""
     from flashmoe.tasks.dist import parallel_from, run_context
 
     dtype = cfg.hardware.dtype
