@@ -10,7 +10,6 @@ so a sequence's logits do not depend on its batch mates.
 """
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -35,27 +34,16 @@ class BatchStep:
         slot grants; the caches stay per sequence (the state's own cache is unused)."""
         p, fam, model = self.p, self.p.r.family, self.p.r.model
         step = StepState([], stats)
-        x0 = await p.worker.build(p._embed, list(tokens))  # [1, B, D]
+        x0 = await p.embed(list(tokens))  # [1, B, D]
         x0 = await p.worker.build(lambda: x0.reshape(len(tokens), 1, -1))  # [B, 1, D]
         masks = await p.worker.build(
             lambda: [fam.masks(model, x0[b:b + 1], c) for b, c in enumerate(caches)])
-        x_fn: Callable[[], mx.array] = lambda: x0  # noqa: E731 - a chain of graph builders
         try:
-            for i, layer in enumerate(p.layers):
-                att_fn = partial(self._attend, i, layer, x_fn, [m[i] for m in masks],
-                                 [c[i] for c in caches])
-                block = fam.moe_block(layer)
-                if block is None:
-                    x_fn = partial(p._dense, layer, att_fn)
-                    continue
-                att, routed = await p.route(step, att_fn, block)
-                x_fn = await p.experts(step, att, routed, block)
-            t0 = time.perf_counter()  # the last trip: last layer's experts, norm, lm head
-            logits = await p.worker.run(lambda: p._head(x_fn(), False))
-            stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
-            return logits
+            x_fn = await p.through_layers(step, x0, lambda i, layer, x_fn: partial(
+                self._attend, i, layer, x_fn, [m[i] for m in masks], [c[i] for c in caches]))
+            return await p.head_logits(step, x_fn)
         finally:
-            p._release_pending(step)
+            p.release(step)
 
     def _attend(self, index: int, layer: nn.Module, x_fn: Callable[[], mx.array],
                 masks: list[Any], caches: list[Any]) -> Attended:

@@ -83,28 +83,50 @@ class Pipeline:
         masks = await self.worker.build(fam.masks, model, x0, step.cache)
         if self.prefetch and len(ids) == 1:
             step.prefetch = Prefetcher(partial(self._fetch, step), self.fetch.pools)
-        x_fn: Callable[[], mx.array] = lambda: x0  # noqa: E731 - a chain of graph builders
         try:
-            for i, layer in enumerate(self.layers):
-                att_fn = partial(self.attention.build, i, layer, x_fn, masks[i], step.cache[i])
-                block = fam.moe_block(layer)
-                if block is None:
-                    x_fn = partial(self._dense, layer, att_fn)
-                    continue
-                att, routed = await self.route(step, att_fn, block)
-                x_fn = await self.experts(step, att, routed, block)
-            t0 = time.perf_counter()  # the last trip: last layer's experts, norm, lm head
+            x_fn = await self.through_layers(step, x0, lambda i, layer, x_fn: partial(
+                self.attention.build, i, layer, x_fn, masks[i], step.cache[i]))
             if not head:
+                t0 = time.perf_counter()
                 await self.worker.run(lambda: [c.state for c in step.cache])
                 step.stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
                 return None
-            logits = await self.worker.run(lambda: self._head(x_fn(), all_logits))
-            step.stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
-            return logits
+            return await self.head_logits(step, x_fn, all_logits)
         finally:
             if step.prefetch is not None:
                 await step.prefetch.cancel()
             self._release_pending(step)  # evaluated above, or abandoned on an error
+
+    async def through_layers(self, step: StepState, x0: mx.array,
+                             attend: Callable[[int, nn.Module, Callable[[], mx.array]],
+                                              Callable[[], Attended]]) -> Callable[[], mx.array]:
+        """Every layer after x0; attend(i, layer, x_fn) builds layer i's attention (a partial
+        whose first argument is i). Returns the last layer's output, not yet evaluated."""
+        x_fn: Callable[[], mx.array] = lambda: x0  # noqa: E731 - a chain of graph builders
+        for i, layer in enumerate(self.layers):
+            att_fn = attend(i, layer, x_fn)
+            block = self.r.family.moe_block(layer)
+            if block is None:
+                x_fn = partial(self._dense, layer, att_fn)
+                continue
+            att, routed = await self.route(step, att_fn, block)
+            x_fn = await self.experts(step, att, routed, block)
+        return x_fn
+
+    async def head_logits(self, step: StepState, x_fn: Callable[[], mx.array],
+                          all_logits: bool = False) -> mx.array:
+        """The last trip: the last layer's experts, final norm and lm head."""
+        t0 = time.perf_counter()
+        logits = await self.worker.run(lambda: self._head(x_fn(), all_logits))
+        step.stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
+        return logits
+
+    def release(self, step: StepState) -> None:
+        """Unpin the step's slot grants (after the evaluation that read them, or on an error)."""
+        self._release_pending(step)
+
+    async def embed(self, ids: list[int]) -> mx.array:
+        return await self.worker.build(self._embed, ids)
 
     async def sample(self, logits: mx.array, sampler: Sampler, stats: StepStats) -> int:
         return await self.sampling(logits, sampler, stats)
