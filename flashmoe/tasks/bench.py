@@ -14,8 +14,8 @@ from flashmoe.engine import Engine, ReadTrace, Session
 from flashmoe.bench.baseline import run_baseline
 from flashmoe.bench.probe import drop_page_cache, probe
 from flashmoe.runtime.platform_io import cold_method
-from flashmoe.tasks.common import (STAGE_KEYS, SYNTHETIC_NOTE, open_engine, run_summary,
-                                   token_figures, warn_device)
+from flashmoe.tasks.common import (STAGE_KEYS, SYNTHETIC_NOTE, follower, open_engine,
+                                   run_summary, token_figures, warn_device)
 from flashmoe.config import model_kind
 
 
@@ -91,7 +91,7 @@ async def _measured(engine: Engine, prompt: list[int], n: int, cold: bool, log: 
         drop_page_cache(engine.files)
     trace, stream = ReadTrace(), []
     session = engine.session(observer=trace)
-    with Progress(transient=True) as bar:  # rich writes to stderr when stdout is text
+    with Progress(transient=True, disable=follower(engine)) as bar:  # stderr: stdout is text
         tid = bar.add_task(f"bench repeat {rep + 1}", total=n)
         skip = await _decode(session, prompt, n, log, bar, tid, trace, stream)
     totals = session.totals

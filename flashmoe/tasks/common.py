@@ -83,6 +83,12 @@ def warn_device(engine: Engine, log: Any) -> None:
                     "(the run's first stderr line says how to install the GPU build)")
 
 
+def follower(engine: Engine) -> bool:
+    """A rank other than 0 of several: it draws no progress bars (rank 0 speaks for all)."""
+    par = engine.options.parallel
+    return par is not None and par.rank != 0
+
+
 def max_context(engine: Engine) -> int | None:
     cfg = engine.config
     return (cfg.get("text_config", cfg)).get("max_position_embeddings")

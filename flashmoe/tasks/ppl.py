@@ -28,7 +28,8 @@ from flashmoe.engine import DTYPES, Engine, Totals
 from flashmoe.errors import CheckpointError, ConfigError
 from flashmoe.models.loader import widen_to_f32
 from flashmoe.quality import WindowScore, plan_windows, score_window, summarize
-from flashmoe.tasks.common import max_context, open_engine, run_summary, warn_device
+from flashmoe.tasks.common import (follower, max_context, open_engine, run_summary,
+                                   warn_device)
 
 DEFAULT_DATA = "pydoc_data"  # what the summary's `data` says when data=null
 DECODE_ONLY = ("tok_s", "ttft_s", "generated_tokens", "median_token_ms")
@@ -69,7 +70,7 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
              context=task.context, stride=task.stride, reference=task.reference,
              reference_k=ref.k if ref else None, model_path=str(engine.path))
     scores: list[WindowScore] = []
-    with _progress() as bar:
+    with _progress(follower(engine)) as bar:
         job = bar.add_task("ppl", total=len(windows), ppl=float("nan"))
         for i, w in enumerate(windows):
             logits = await session.logits(ids[w.begin:w.end])  # accounted as prompt tokens
@@ -247,8 +248,8 @@ def _log_window(log: Any, index: int, begin: int, s: WindowScore, reference: boo
              nll_mean=round(s.nll_sum / s.tokens, 6), **extra)
 
 
-def _progress() -> Progress:
+def _progress(disable: bool = False) -> Progress:
     """Windows done, running ppl and time left, on stderr (stdout stays clean)."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("ppl {task.fields[ppl]:.3f}"), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True))
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=disable)
