@@ -220,3 +220,14 @@ def test_a_rank_that_never_connects_ends_the_run(tiny, tmp_path):
     lines = [x for x in run.stderr.splitlines() if x.startswith("flashmoe:")]
     assert len(lines) == 1 and "rank 0: could not connect to the other ranks within 2s" \
         in lines[0], run.stderr[-2000:]
+
+
+def test_ranks_must_agree_on_a_piped_prompt():
+    """A prompt from stdin or a file is part of what ranks compare at start, as the config is."""
+    from flashmoe.config import compose_config
+    from flashmoe.tasks.dist import run_context
+
+    cfg = compose_config(["hardware=linux_cpu"])
+    assert run_context(cfg, "a question") == run_context(cfg, "a question")
+    assert run_context(cfg, "a question") != run_context(cfg, "another question")
+    assert run_context(cfg, None) != run_context(cfg, "a question")

@@ -164,7 +164,7 @@ async def test_thirty_plus_prompts_reach_the_engine_exactly(tiny, monkeypatch):
 
     monkeypatch.setattr(engine, "generate", recording)
 
-    async def shared(cfg):
+    async def shared(cfg, **_):
         return engine
 
     monkeypatch.setattr(generate, "open_engine", shared)

@@ -38,8 +38,12 @@ def checkpoint_path(cfg: DictConfig) -> Path:
     return demo_checkpoint()
 
 
-def engine_options(cfg: DictConfig, **extra: Any) -> EngineOptions:
-    """The validated config (app.main ran config_validate.validate) mapped onto EngineOptions."""
+def engine_options(cfg: DictConfig, prompt_text: str | None = None,
+                   **extra: Any) -> EngineOptions:
+    """The validated config (app.main ran config_validate.validate) mapped onto EngineOptions.
+
+    prompt_text: a prompt that came from stdin or a file, which several ranks must agree on
+    as they agree on the config."""
     from flashmoe.tasks.dist import parallel_from, run_context
 
     dtype = cfg.hardware.dtype
@@ -47,7 +51,7 @@ def engine_options(cfg: DictConfig, **extra: Any) -> EngineOptions:
         dtype = "float32"  # the CPU fallback: bf16 activations are ~9x slower there
     par = parallel_from(cfg)
     if par is not None:
-        extra = {"parallel": par, "run_context": run_context(cfg), **extra}
+        extra = {"parallel": par, "run_context": run_context(cfg, prompt_text), **extra}
     return EngineOptions(
         experts_per_token=cfg.model.experts_per_token, io_split=cfg.io.split,
         io_threads=cfg.io.threads, io_retries=cfg.io.retries, io_direct=cfg.io.direct,
@@ -65,12 +69,12 @@ def gpu_available() -> bool:
     return bool(mx.is_available(mx.gpu))
 
 
-async def open_engine(cfg: DictConfig, **extra: Any) -> Engine:
+async def open_engine(cfg: DictConfig, prompt_text: str | None = None, **extra: Any) -> Engine:
     """Open the streaming engine on the (validated) config; the engine's checks against the
     checkpoint come back named by config key."""
     path = checkpoint_path(cfg)
     try:
-        return await Engine.open(path, engine_options(cfg, **extra))
+        return await Engine.open(path, engine_options(cfg, prompt_text, **extra))
     except OptionError as e:
         raise config_error(e) from None
 

@@ -25,11 +25,12 @@ def parallel_from(cfg: DictConfig) -> ExpertParallel | None:
     return ExpertParallel.detect(d.strategy, d.backend, d.timeout_s, d.connect_timeout_s)
 
 
-def run_context(cfg: DictConfig) -> str:
-    """The resolved config minus per-machine keys: every rank must run the same task."""
+def run_context(cfg: DictConfig, prompt_text: str | None = None) -> str:
+    """The resolved config minus per-machine keys, plus a prompt read from stdin or a file:
+    every rank must run the same task on the same text."""
     keep = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
             if k not in LOCAL_KEYS and k != "hydra"}
-    return repr(sorted(keep.items(), key=lambda kv: kv[0]))
+    return repr((sorted(keep.items(), key=lambda kv: kv[0]), prompt_text))
 
 
 async def merge_summary(par: ExpertParallel, run: Any, summary: dict) -> dict:

@@ -20,7 +20,7 @@ from flashmoe.tasks.common import (SYNTHETIC_NOTE, max_context, open_engine, run
 async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     """Generate (or chat, on a terminal); `state` lets the caller summarise an interrupted run."""
     source = resolve_prompt(cfg)  # a missing prompt_file fails before the model loads
-    engine = state["engine"] = await open_engine(cfg)
+    engine = state["engine"] = await open_engine(cfg, prompt_text=source.text)
     warn_device(engine, log)
     s = cfg.sampling
     mx.random.seed(s.seed)
