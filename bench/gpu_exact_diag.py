@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flashmoe.engine import Engine, EngineOptions  # noqa: E402
 from flashmoe.stages.expert_fetch import ExpertFetchStage  # noqa: E402
+from tests.reference import expert_nbytes  # noqa: E402
 
 PROMPT = [5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150]
 STEPS = 32
@@ -147,7 +148,7 @@ async def main() -> int:
         ks = [None] if name != "shaped4x64" else [4, 10]
         for k in ks:
             ref_toks, ref_logits = reference(path, k)
-            expert = _expert_bytes(path)
+            expert = expert_nbytes(path)[0]
             settings = {"none": dict(cache_policy="none"),
                         "lru_tiny": dict(cache_budget_gb=(2.5 * (k or 2)) * expert / 2**30),
                         "lru_all": dict(cache_budget_gb=8.0)}
@@ -164,18 +165,6 @@ async def main() -> int:
                 print(rows[-1], flush=True)
     ok = all("tokens equal" in r and "repeat equal True" in r for r in rows)
     return 0 if ok else 1
-
-
-def _expert_bytes(path: Path) -> int:
-    from flashmoe.checkpoints.safetensors_index import CheckpointIndex
-
-    index = CheckpointIndex.open(path)
-    cfg = __import__("json").loads((path / "config.json").read_text())
-    text = cfg.get("text_config") or cfg
-    n = text.get("num_experts") or text.get("num_local_experts")
-    per_layer = sum(t.nbytes for name, t in index.tensors.items()
-                    if ".layers.0." in name and (".switch_mlp." in name or ".experts." in name))
-    return per_layer // n
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ exactly 0.0. So the comparison is `np.array_equal`, no tolerance (README, "Exact
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from flashmoe.engine import Engine, EngineOptions
-from flashmoe.checkpoints.safetensors_index import CheckpointIndex
+from tests import reference
 
 GIB = 2**30
 
@@ -111,10 +110,7 @@ def _gap(a: np.ndarray, b: np.ndarray) -> str:
 
 def expert_nbytes(path: Path) -> int:
     """Bytes of one routed expert of layer 0 (all tiny fixtures share one layout)."""
-    index = CheckpointIndex.open(path)
-    stacked = [t for name, t in index.tensors.items()
-               if re.search(r"\.layers\.0\..*switch_mlp\.", name)]
-    return sum(t.nbytes for t in stacked) // stacked[0].shape[0]
+    return reference.expert_nbytes(path)[0]
 
 
 def budget_for(path: Path, slots: int) -> float:
