@@ -51,6 +51,7 @@ class IOConfig:
     threads: int = II("hardware.io_threads")
     direct: bool = False
     verify: bool = False
+    readahead: bool = False  # the kernel's readahead on expert files (off: POSIX_FADV_RANDOM)
     cuda_copy: bool = False  # CUDA builds: pinned staging + driver copies (opt-in, unmeasured)
     retries: int = 3
     layout: str = "auto"  # auto | original | packed

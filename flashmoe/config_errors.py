@@ -13,7 +13,8 @@ from flashmoe.errors import ConfigError, OptionError
 CONFIG_KEYS = {
     "experts_per_token": "model.experts_per_token", "io_split": "io.split",
     "io_threads": "io.threads", "io_retries": "io.retries", "io_direct": "io.direct",
-    "io_verify": "io.verify", "cuda_copy": "io.cuda_copy", "layout": "io.layout",
+    "io_verify": "io.verify", "io_readahead": "io.readahead", "cuda_copy": "io.cuda_copy",
+    "layout": "io.layout",
     "cache_policy": "cache.policy",
     "cache_budget_gb": "cache.budget_gb", "prefetch": "cache.prefetch",
     "cache_host_budget_gb": "cache.host_budget_gb",

@@ -97,3 +97,51 @@ def test_bench_concurrency_sweep(tiny, tmp_path):
     table = subprocess.run([sys.executable, "-m", "flashmoe.analyze", "sweep"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
     assert "| task.concurrency | aggregate tok/s" in table.stdout
+
+
+def test_probe_times_only_the_trace_after_replaying_before(tmp_path):
+    """`before` (a cold repeat's prompt-pass reads) is replayed untimed: not in bytes_read."""
+    import os
+
+    from flashmoe.bench.probe import probe
+
+    f = tmp_path / "blob"
+    f.write_bytes(os.urandom(8 * 4096))
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        res = probe([[(fd, 0, 4096), (fd, 8192, 4096)]], threads=2,
+                    before=[[(fd, 4096, 16384)], [(fd, 0, 32768)]])
+    finally:
+        os.close(fd)
+    assert res.bytes_read == 8192 and res.seconds > 0
+
+
+def test_cold_probe_starts_each_repeat_from_its_own_page_cache_state(monkeypatch):
+    """Cold: the engine dropped the page cache before every repeat, so the probe drops it
+    before replaying each repeat (a later repeat's identical ranges are not probed warm),
+    after replaying that repeat's prompt-pass reads; warm: one replay, no drop."""
+    from types import SimpleNamespace
+
+    from flashmoe.bench.probe import ProbeResult
+    from flashmoe.tasks import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "drop_page_cache", lambda files: calls.append("drop"))
+
+    def fake_probe(trace, threads, before=()):
+        calls.append(("probe", list(before), list(trace), threads))
+        return ProbeResult(10**9 * len(trace), 1.0 * len(trace))  # 1 GB/s
+
+    monkeypatch.setattr(bench, "probe", fake_probe)
+    engine = SimpleNamespace(files=["f"])
+    traces = [([["p1"]], [["d1"], ["d2"]]), ([["p2"]], [["d3"]])]
+    for cold in (True, False):
+        calls.clear()
+        cfg = SimpleNamespace(task=SimpleNamespace(cold=cold), io=SimpleNamespace(threads=3))
+        out = bench._probe(engine, traces, cfg, {"fetch_gbps": 0.5, "probe_tokens": 3})
+        if cold:
+            assert calls == ["drop", ("probe", [["p1"]], [["d1"], ["d2"]], 3),
+                             "drop", ("probe", [["p2"]], [["d3"]], 3)]
+        else:
+            assert calls == [("probe", [], [["d1"], ["d2"]], 3), ("probe", [], [["d3"]], 3)]
+        assert out["probe_gbps"] == 1.0 and out["fetch_vs_probe"] == 0.5

@@ -35,6 +35,7 @@ LEVERS = [
     {"layout": "original", "cache_policy": "none", "io_split": 2},
     {"layout": "original", "cache_policy": "lru", "slots": K, "io_split": 3},
     {"layout": "original", "cache_policy": "lfu", "slots": K + 1},
+    {"layout": "original", "io_readahead": True, "io_split": 2, "slots": K},
     {"layout": "packed", "io_split": 3, "slots": K},
     {"layout": "packed", "io_verify": True, "io_split": 8, "io_threads": 5, "slots": K},
     {"layout": "packed", "io_direct": True, "cache_policy": "none", "io_split": 2},
@@ -137,3 +138,28 @@ async def test_pack_of_a_rewritten_same_size_source_is_refused(packed, tmp_path)
     with pytest.raises(CheckpointError, match=r"model.safetensors changed since it was packed "
                        r"\(same size and header, but its expert bytes differ"):
         await flashmoe_greedy(stale, PROMPT, 1)
+
+
+def test_expert_files_are_read_without_readahead(packed, monkeypatch):
+    """io.readahead=false (the default): every expert descriptor is POSIX_FADV_RANDOM, so a
+    read fetches its own range only; =true leaves the kernel's readahead on."""
+    import os
+
+    from flashmoe.runtime.expert_store import ExpertStore
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform: reads are left as they are")
+    advised = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise",
+                        lambda fd, off, n, adv: (advised.append((fd, adv)), real(fd, off, n, adv)))
+    path, _ = packed
+    experts = load_resident(path, CheckpointIndex.open(path), evaluate=False).experts
+    for readahead in (False, True):
+        advised.clear()
+        store = ExpertStore(experts, readahead=readahead)
+        try:
+            want = [] if readahead else [(fd, os.POSIX_FADV_RANDOM) for fd in store.fds]
+            assert advised == want and store.fds
+        finally:
+            store.close()

@@ -33,19 +33,27 @@ def drop_page_cache(files: Sequence[Path]) -> str:
     return evict(files)
 
 
-def probe(trace: Sequence[Batch], threads: int) -> ProbeResult:
-    """Replay every batch with `threads` threads, batch after batch, as the engine did."""
-    biggest = max((n for b in trace for _, _, n in b), default=0)
+def probe(trace: Sequence[Batch], threads: int, before: Sequence[Batch] = ()) -> ProbeResult:
+    """Replay every batch with `threads` threads, batch after batch, as the engine did.
+
+    `before` is replayed first, untimed: the reads that preceded the timed ones in the
+    engine's run (a cold repeat's prompt pass), so the page cache holds what it held then."""
+    biggest = max((n for b in (*before, *trace) for _, _, n in b), default=0)
     # page-aligned (anonymous mmap), so O_DIRECT descriptors in the trace read as they did
     buffers = [mmap.mmap(-1, max(biggest, 4096)) for _ in range(threads)]
     total, elapsed = 0, 0.0
     with ThreadPoolExecutor(threads) as pool:
+        for batch in before:
+            list(pool.map(_read_group, _groups(batch, threads), buffers))
         for batch in trace:
-            groups = [batch[i::threads] for i in range(min(threads, len(batch)))]
             t0 = time.perf_counter()
-            total += sum(pool.map(_read_group, groups, buffers))
+            total += sum(pool.map(_read_group, _groups(batch, threads), buffers))
             elapsed += time.perf_counter() - t0
     return ProbeResult(total, elapsed)
+
+
+def _groups(batch: Batch, threads: int) -> list[Batch]:
+    return [batch[i::threads] for i in range(min(threads, len(batch)))]
 
 
 def _read_group(group: Batch, buf: mmap.mmap) -> int:

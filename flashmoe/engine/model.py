@@ -69,7 +69,8 @@ class Model:
         self.io = IOPool(options.io_threads, options.io_split, options.io_retries,
                          reader=options.reader, on_retry=options.on_io_retry)
         try:
-            self.store = ExpertStore(resident.experts, self._packed(), direct=options.io_direct)
+            self.store = ExpertStore(resident.experts, self._packed(), direct=options.io_direct,
+                                     readahead=options.io_readahead)
         except BaseException:
             self.io.close()
             raise

@@ -24,6 +24,7 @@ class EngineOptions:
     io_retries: int = 3
     io_direct: bool = False  # O_DIRECT reads via aligned bounce buffers (skips the page cache)
     io_verify: bool = False  # check each read expert's xxh64 (needs the packed layout)
+    io_readahead: bool = False  # kernel readahead on expert files (off: each read its range)
     cuda_copy: bool = False  # CUDA: pinned staging + cuMemcpyHtoDAsync (not yet run on a GPU)
     layout: str = "auto"  # auto | original | packed (auto: packed when <ckpt>/flashmoe-packed exists)
     cache_policy: str = "lru"

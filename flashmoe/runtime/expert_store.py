@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from flashmoe.errors import CheckpointError
-from flashmoe.runtime.platform_io import open_uncached
+from flashmoe.runtime.platform_io import no_readahead, open_uncached
 from flashmoe.checkpoints.safetensors_index import TensorInfo
 
 # safetensors dtype → the dtype a slot holds it in (bytes land unchanged)
@@ -78,7 +78,7 @@ class ExpertStore:
     or F_NOCACHE on macOS)."""
 
     def __init__(self, layers: dict[int, LayerExperts], packed: dict | None = None,
-                 direct: bool = False) -> None:
+                 direct: bool = False, readahead: bool = False) -> None:
         self.layers, self.packed, self.direct = layers, packed, direct
         if packed:
             files = sorted({pl.file for pl in packed.values()})
@@ -89,6 +89,9 @@ class ExpertStore:
         self.sizes = [f.stat().st_size for f in files]
         self._file_ids = {f: i for i, f in enumerate(files)}
         self.fds = [os.open(f, os.O_RDONLY) for f in files]
+        if not readahead:  # experts are random ranges: readahead reads neighbours nobody routed
+            for fd in self.fds:
+                no_readahead(fd)
         self.direct_fds = [open_uncached(f) for f in files] if direct else []
 
     def close(self) -> None:

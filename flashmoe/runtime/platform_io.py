@@ -48,6 +48,13 @@ def open_uncached(path: Path) -> int:
     return fd
 
 
+def no_readahead(fd: int) -> None:
+    """Reads on `fd` fetch their own range only (POSIX_FADV_RANDOM); where the platform has
+    no posix_fadvise (macOS) its reads are left as they are."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+
 def cold_method() -> str:
     """How evict() drops cached pages here (the bench summary's `cold_method`)."""
     return "posix_fadvise_dontneed" if hasattr(os, "posix_fadvise") else "msync_invalidate"

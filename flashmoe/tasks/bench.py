@@ -12,7 +12,7 @@ from flashmoe.constants import GIB
 from flashmoe.errors import FlashMoeError
 from flashmoe.engine import Engine, ReadTrace, Session
 from flashmoe.bench.baseline import run_baseline
-from flashmoe.bench.probe import drop_page_cache, probe
+from flashmoe.bench.probe import ProbeResult, drop_page_cache, probe
 from flashmoe.runtime.platform_io import cold_method
 from flashmoe.tasks.common import (STAGE_KEYS, SYNTHETIC_NOTE, follower, open_engine,
                                    run_summary, token_figures, warn_device)
@@ -37,18 +37,18 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     warm_tokens = t.warmup if t.cold else max(t.warmup, t.tokens)
     if warm_tokens:
         await _decode(engine.session(), prompt, warm_tokens, log=None)
-    reps, trace, streams = [], [], []
+    reps, traces, streams = [], [], []
     for r in range(t.repeats):
         rep, rep_trace, stream = await _measured(engine, prompt, t.tokens, t.cold, log, r)
         reps.append(rep)
-        trace += rep_trace
+        traces.append(rep_trace)
         streams.append(stream)
     extra = _medians(reps)
     read_bytes = sum(r["decode_bytes"] for r in reps)
     read_ms = sum(r["decode_fetch_ms"] for r in reps)
     extra["fetch_gbps"] = round(read_bytes / 1e6 / read_ms, 3) if read_ms else 0.0
     extra["probe_tokens"] = sum(r["generated_tokens"] - 1 for r in reps) or 1
-    extra.update(_probe(engine, trace, cfg, extra))
+    extra.update(_probe(engine, traces, cfg, extra))
     extra.update(await _overlap(engine, prompt, t.tokens, extra))
     baseline = None
     if t.baseline == "mlx_lm" or t.check == "mlx_lm":
@@ -85,7 +85,8 @@ async def _decode(session: Session, prompt: list[int], n: int, log: Any,
 
 
 async def _measured(engine: Engine, prompt: list[int], n: int, cold: bool, log: Any,
-                    rep: int) -> tuple[dict, list, list[int]]:
+                    rep: int) -> tuple[dict, tuple[list, list], list[int]]:
+    """One timed repeat: its figures, its reads (prompt pass, decode) and its tokens."""
     if cold:
         engine.reset_cache()
         drop_page_cache(engine.files)
@@ -104,9 +105,8 @@ async def _measured(engine: Engine, prompt: list[int], n: int, cold: bool, log: 
     host = sum(s.extra.get("experts_host_hit", 0) for s in totals.steps[1:])
     if host:  # the host tier's share of all lookups (cache.host_budget_gb)
         rep_figs["host_hit_rate"] = round(host / (hits + fetched + host), 4)
-    decode_trace = trace.batches[skip:]
     log.info("bench_repeat", repeat=rep, **rep_figs)
-    return rep_figs, decode_trace, stream
+    return rep_figs, (trace.batches[:skip], trace.batches[skip:]), stream
 
 
 def _medians(reps: list[dict]) -> dict:
@@ -114,13 +114,19 @@ def _medians(reps: list[dict]) -> dict:
     return {k: round(statistics.median(r[k] for r in reps), 4) for k in keys}
 
 
-def _probe(engine: Engine, trace: list, cfg: DictConfig, figs: dict) -> dict:
-    """Raw preads of the same decode-step ranges, same order, same io.threads."""
-    if not trace:
+def _probe(engine: Engine, traces: list[tuple[list, list]], cfg: DictConfig, figs: dict) -> dict:
+    """Raw preads of the same decode-step ranges, same order, same io.threads, from the same
+    page-cache state: cold, each repeat starts from a dropped cache and its prompt pass's
+    reads are replayed untimed first, as the engine's repeat did."""
+    if not any(decode for _, decode in traces):
         return {"probe_gbps": 0.0, "fetch_vs_probe": 0.0, "probe_note": "no expert reads to probe"}
-    if cfg.task.cold:
-        drop_page_cache(engine.files)
-    res = probe(trace, cfg.io.threads)
+    nbytes, seconds = 0, 0.0
+    for prompt_reads, decode in traces:
+        if cfg.task.cold:
+            drop_page_cache(engine.files)
+        res = probe(decode, cfg.io.threads, before=prompt_reads if cfg.task.cold else ())
+        nbytes, seconds = nbytes + res.bytes_read, seconds + res.seconds
+    res = ProbeResult(nbytes, seconds)
     gbps = res.gbps
     return {"probe_gbps": round(gbps, 3),
             "fetch_vs_probe": round(figs["fetch_gbps"] / gbps, 4) if gbps else 0.0,

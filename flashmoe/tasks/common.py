@@ -55,7 +55,7 @@ def engine_options(cfg: DictConfig, prompt_text: str | None = None,
     return EngineOptions(
         experts_per_token=cfg.model.experts_per_token, io_split=cfg.io.split,
         io_threads=cfg.io.threads, io_retries=cfg.io.retries, io_direct=cfg.io.direct,
-        io_verify=cfg.io.verify, cuda_copy=cfg.io.cuda_copy, layout=cfg.io.layout,
+        io_verify=cfg.io.verify, io_readahead=cfg.io.readahead, cuda_copy=cfg.io.cuda_copy, layout=cfg.io.layout,
         cache_policy=cfg.cache.policy,
         prefetch=cfg.cache.prefetch,
         cache_budget_gb=cfg.cache.budget_gb, cache_host_budget_gb=cfg.cache.host_budget_gb,
