@@ -27,7 +27,7 @@ from flashmoe.models.loader import Resident, load_resident
 from flashmoe.runtime import cuda_copy
 from flashmoe.runtime.expert_store import ExpertStore
 from flashmoe.runtime.host_tier import HostTier
-from flashmoe.runtime.io_pool import IOPool
+from flashmoe.runtime.io_pool import INLINE_BYTES, IOPool
 from flashmoe.runtime.mlx_worker import MlxWorker
 from flashmoe.runtime.platform_io import metal_buffer_limit
 from flashmoe.checkpoints.safetensors_index import CheckpointIndex
@@ -66,8 +66,10 @@ class Model:
         # staged copy stays opt-in until a GPU run has measured it (io.cuda_copy)
         self.cuda = cuda_copy.select(worker.device) if options.cuda_copy else None
         self.pools = self._make_pools()  # config errors first: nothing to close yet
+        # O_DIRECT reads block even with RWF_NOWAIT: no inline pass for them
         self.io = IOPool(options.io_threads, options.io_split, options.io_retries,
-                         reader=options.reader, on_retry=options.on_io_retry)
+                         reader=options.reader, on_retry=options.on_io_retry,
+                         inline_bytes=0 if options.io_direct else INLINE_BYTES)
         try:
             self.store = ExpertStore(resident.experts, self._packed(), direct=options.io_direct,
                                      readahead=options.io_readahead)
