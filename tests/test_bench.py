@@ -145,3 +145,19 @@ def test_cold_probe_starts_each_repeat_from_its_own_page_cache_state(monkeypatch
         else:
             assert calls == [("probe", [], [["d1"], ["d2"]], 3), ("probe", [], [["d3"]], 3)]
         assert out["probe_gbps"] == 1.0 and out["fetch_vs_probe"] == 0.5
+
+
+def test_vs_baseline_pairs_each_repeat_with_the_mlx_lm_run_after_it():
+    """A repeat and the mlx-lm run right after it share the machine's load: vs_baseline is
+    the median of the per-pair ratios, not a ratio of medians taken minutes apart."""
+    from flashmoe.tasks.bench import _baseline
+
+    reps = [{"tok_s": 10.0}, {"tok_s": 20.0}, {"tok_s": 12.0}]
+    bases = [{"status": "ok", "limit": "none", "checkpoint_gb": 0.2, "tok_s": t,
+              "peak_rss_gb": g} for t, g in ((10.0, 0.3), (40.0, 0.4), (12.0, 0.3))]
+    out = _baseline(bases, reps)
+    assert out["vs_baseline"] == 1.0 and out["baseline_tok_s"] == 12.0  # ratios 1, 0.5, 1
+    assert out["baseline_runs"] == 3 and out["baseline_peak_rss_gb"] == 0.4
+    oom = [bases[0], {"status": "oom", "limit": "8G", "checkpoint_gb": 15.0}]
+    out = _baseline(oom, reps)
+    assert out["baseline_status"] == "oom" and "vs_baseline" not in out
