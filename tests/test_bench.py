@@ -117,9 +117,9 @@ def test_probe_times_only_the_trace_after_replaying_before(tmp_path):
 
 
 def test_cold_probe_starts_each_repeat_from_its_own_page_cache_state(monkeypatch):
-    """Cold: the engine dropped the page cache before every repeat, so the probe drops it
-    before replaying each repeat (a later repeat's identical ranges are not probed warm),
-    after replaying that repeat's prompt-pass reads; warm: one replay, no drop."""
+    """Cold: the engine dropped the page cache before every repeat, so each repeat's probe
+    drops it too (a later repeat's identical ranges are not probed warm) and replays that
+    repeat's prompt-pass reads untimed first; warm: no drop, nothing replayed first."""
     from types import SimpleNamespace
 
     from flashmoe.bench.probe import ProbeResult
@@ -134,17 +134,20 @@ def test_cold_probe_starts_each_repeat_from_its_own_page_cache_state(monkeypatch
 
     monkeypatch.setattr(bench, "probe", fake_probe)
     engine = SimpleNamespace(files=["f"])
-    traces = [([["p1"]], [["d1"], ["d2"]]), ([["p2"]], [["d3"]])]
+    traces = [([["p1"]], [["d1"], ["d2"]]), ([["p2"]], [["d3"]]), ([["p3"]], [])]
     for cold in (True, False):
         calls.clear()
         cfg = SimpleNamespace(task=SimpleNamespace(cold=cold), io=SimpleNamespace(threads=3))
-        out = bench._probe(engine, traces, cfg, {"fetch_gbps": 0.5, "probe_tokens": 3})
+        probes = [bench._probe(engine, t, cfg) for t in traces]
         if cold:
             assert calls == ["drop", ("probe", [["p1"]], [["d1"], ["d2"]], 3),
                              "drop", ("probe", [["p2"]], [["d3"]], 3)]
         else:
             assert calls == [("probe", [], [["d1"], ["d2"]], 3), ("probe", [], [["d3"]], 3)]
+        out = bench._probe_figures(probes, {"fetch_gbps": 0.5, "probe_tokens": 3})
         assert out["probe_gbps"] == 1.0 and out["fetch_vs_probe"] == 0.5
+    none = bench._probe_figures([ProbeResult(0, 0.0)], {"fetch_gbps": 0.0, "probe_tokens": 1})
+    assert none["fetch_vs_probe"] == 0.0 and "probe_note" in none
 
 
 def test_vs_baseline_pairs_each_repeat_with_the_mlx_lm_run_after_it():

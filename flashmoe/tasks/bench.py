@@ -37,13 +37,13 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     warm_tokens = t.warmup if t.cold else max(t.warmup, t.tokens)
     if warm_tokens:
         await _decode(engine.session(), prompt, warm_tokens, log=None)
-    reps, traces, streams, bases = await _repeats(engine, prompt, cfg, log)
+    reps, probes, streams, bases = await _repeats(engine, prompt, cfg, log)
     extra = _medians(reps)
     read_bytes = sum(r["decode_bytes"] for r in reps)
     read_ms = sum(r["decode_fetch_ms"] for r in reps)
     extra["fetch_gbps"] = round(read_bytes / 1e6 / read_ms, 3) if read_ms else 0.0
     extra["probe_tokens"] = sum(r["generated_tokens"] - 1 for r in reps) or 1
-    extra.update(_probe(engine, traces, cfg, extra))
+    extra.update(_probe_figures(probes, extra))
     extra.update(await _overlap(engine, prompt, t.tokens, extra))
     if t.check == "mlx_lm" and not bases:
         bases.append(_run_baseline(engine, prompt, t.tokens, cfg))
@@ -62,15 +62,18 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
 
 
 async def _repeats(engine: Engine, prompt: list[int], cfg: DictConfig,
-                   log: Any) -> tuple[list[dict], list, list[list[int]], list[dict]]:
-    """The timed repeats; with task.baseline=mlx_lm each is followed by an mlx-lm run, so
-    each pair shares the machine's load of that moment (a shared box swings 2x in minutes)."""
+                   log: Any) -> tuple[list[dict], list[ProbeResult], list[list[int]], list[dict]]:
+    """The timed repeats, each followed by the probe of its reads and, with
+    task.baseline=mlx_lm, an mlx-lm run: each pair shares the machine's load of that moment
+    (the shared CPU box's disk and cores swing 2x within minutes)."""
     t = cfg.task
-    reps, traces, streams, bases = [], [], [], []
+    reps, probes, streams, bases = [], [], [], []
     for r in range(t.repeats):
         rep, rep_trace, stream = await _measured(engine, prompt, t.tokens, t.cold, log, r)
+        probes.append(_probe(engine, rep_trace, cfg))
+        log.info("repeat_probed", repeat=r, probe_gbps=round(probes[-1].gbps, 3),
+                 fetch_gbps=rep["fetch_gbps"])
         reps.append(rep)
-        traces.append(rep_trace)
         streams.append(stream)
         if t.baseline == "mlx_lm" and (not bases or bases[-1]["status"] == "ok"):
             bases.append(_run_baseline(engine, prompt, t.tokens, cfg))
@@ -124,19 +127,22 @@ def _medians(reps: list[dict]) -> dict:
     return {k: round(statistics.median(r[k] for r in reps), 4) for k in keys}
 
 
-def _probe(engine: Engine, traces: list[tuple[list, list]], cfg: DictConfig, figs: dict) -> dict:
-    """Raw preads of the same decode-step ranges, same order, same io.threads, from the same
-    page-cache state: cold, each repeat starts from a dropped cache and its prompt pass's
-    reads are replayed untimed first, as the engine's repeat did."""
-    if not any(decode for _, decode in traces):
+def _probe(engine: Engine, trace: tuple[list, list], cfg: DictConfig) -> ProbeResult:
+    """Raw preads of one repeat's decode-step ranges, same order, same io.threads, from the
+    same page-cache state: cold, from a dropped cache with the repeat's prompt-pass reads
+    replayed untimed first, as the engine's repeat did."""
+    prompt_reads, decode = trace
+    if not decode:
+        return ProbeResult(0, 0.0)
+    if cfg.task.cold:
+        drop_page_cache(engine.files)
+    return probe(decode, cfg.io.threads, before=prompt_reads if cfg.task.cold else ())
+
+
+def _probe_figures(probes: list[ProbeResult], figs: dict) -> dict:
+    if not any(p.bytes_read for p in probes):
         return {"probe_gbps": 0.0, "fetch_vs_probe": 0.0, "probe_note": "no expert reads to probe"}
-    nbytes, seconds = 0, 0.0
-    for prompt_reads, decode in traces:
-        if cfg.task.cold:
-            drop_page_cache(engine.files)
-        res = probe(decode, cfg.io.threads, before=prompt_reads if cfg.task.cold else ())
-        nbytes, seconds = nbytes + res.bytes_read, seconds + res.seconds
-    res = ProbeResult(nbytes, seconds)
+    res = ProbeResult(sum(p.bytes_read for p in probes), sum(p.seconds for p in probes))
     gbps = res.gbps
     return {"probe_gbps": round(gbps, 3),
             "fetch_vs_probe": round(figs["fetch_gbps"] / gbps, 4) if gbps else 0.0,
