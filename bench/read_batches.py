@@ -18,6 +18,7 @@ import asyncio
 import os
 import random
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +73,17 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=60)
     ap.add_argument("--warm", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--load", type=int, default=0,
+                    help="this many threads of MLX matmuls throughout, as a token's compute")
     ap.add_argument("--runs", default="engine:ra:4:3,engine:nora:4:3,engine:nora:4:1,"
                                       "inline:nora:4:1,probe:nora:4:1")
     a = ap.parse_args()
     res = load_resident(a.ckpt, CheckpointIndex.open(a.ckpt), evaluate=False)
     rng = random.Random(a.seed)
+    stop = threading.Event()
+    loads = [threading.Thread(target=_compute, args=(stop,), daemon=True) for _ in range(a.load)]
+    for t in loads:
+        t.start()
     for run in a.runs.split(","):
         kind, ra, threads, split = run.split(":")
         store = ExpertStore(res.experts, readahead=ra == "ra")
@@ -93,11 +100,23 @@ def main() -> None:
             if kind == "probe":
                 gbps = probe(timed, int(threads), before=warmup).gbps
             else:
-                inline = INLINE_BYTES if kind == "inline" else 0
+                inline = {"inline": INLINE_BYTES, "submit": 1 << 40}.get(kind, 0)
                 gbps = asyncio.run(engine_gbps(timed, warmup, int(threads), int(split), inline))
         finally:
             store.close()
         print(f"{run:24s} {gbps:6.3f} GB/s", flush=True)
+    stop.set()
+    for t in loads:
+        t.join()
+
+
+def _compute(stop: threading.Event) -> None:
+    import mlx.core as mx
+
+    w = mx.random.normal((4096, 4096))
+    x = mx.random.normal((64, 4096))
+    while not stop.is_set():
+        mx.eval(x @ w)
 
 
 if __name__ == "__main__":
