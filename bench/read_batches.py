@@ -45,13 +45,22 @@ def trace(store: ExpertStore, rng: random.Random, tokens: int, per: int) -> Trac
 
 
 async def engine_gbps(batches: Trace, warmup: Trace, threads: int, split: int,
-                      inline: int) -> float:
+                      inline: int, dest_gb: float = 0.0) -> float:
     pool = IOPool(threads, split, inline_bytes=inline)
     buffers: dict[tuple[int, int], np.ndarray] = {}
+    arena = _arena(dest_gb)
+    pos = [0]
+
+    def dest(i: int, n: int) -> np.ndarray:
+        if arena is None:  # reused buffers, as the probe's
+            return buffers.setdefault((i, n), np.empty(n, np.uint8))
+        if pos[0] + n > arena.size:  # fresh memory every read, as slots filling up
+            pos[0] = 0
+        pos[0] += n
+        return arena[pos[0] - n:pos[0]]
 
     def jobs(batch):
-        return [ReadJob(fd, off, buffers.setdefault((i, n), np.empty(n, np.uint8)), "bench")
-                for i, (fd, off, n) in enumerate(batch)]
+        return [ReadJob(fd, off, dest(i, n), "bench") for i, (fd, off, n) in enumerate(batch)]
 
     try:
         for b in warmup:
@@ -65,6 +74,18 @@ async def engine_gbps(batches: Trace, warmup: Trace, threads: int, split: int,
     return nbytes / ms / 1e6 if ms else 0.0
 
 
+def _arena(gb: float) -> np.ndarray | None:
+    """`gb` of MLX memory (zeroed, so resident) to read into, like the slot arrays."""
+    if not gb:
+        return None
+    import mlx.core as mx
+
+    a = mx.zeros((int(gb * 1e9),), dtype=mx.uint8)
+    mx.eval(a)
+    _arena.keep = a  # the numpy view does not own the memory
+    return np.frombuffer(memoryview(a).cast("B"), dtype=np.uint8)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt", type=Path)
@@ -73,6 +94,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=60)
     ap.add_argument("--warm", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--dest-gb", type=float, default=0.0,
+                    help="read into this much MLX memory, fresh bytes every read (as slots)")
     ap.add_argument("--load", type=int, default=0,
                     help="this many threads of MLX matmuls throughout, as a token's compute")
     ap.add_argument("--runs", default="engine:ra:4:3,engine:nora:4:3,engine:nora:4:1,"
@@ -101,7 +124,8 @@ def main() -> None:
                 gbps = probe(timed, int(threads), before=warmup).gbps
             else:
                 inline = {"inline": INLINE_BYTES, "submit": 1 << 40}.get(kind, 0)
-                gbps = asyncio.run(engine_gbps(timed, warmup, int(threads), int(split), inline))
+                gbps = asyncio.run(engine_gbps(timed, warmup, int(threads), int(split), inline,
+                                               a.dest_gb))
         finally:
             store.close()
         print(f"{run:24s} {gbps:6.3f} GB/s", flush=True)

@@ -77,7 +77,7 @@ async def _repeats(engine: Engine, prompt: list[int], cfg: DictConfig,
         streams.append(stream)
         if t.baseline == "mlx_lm" and (not bases or bases[-1]["status"] == "ok"):
             bases.append(_run_baseline(engine, prompt, t.tokens, cfg))
-    return reps, traces, streams, bases
+    return reps, probes, streams, bases
 
 
 async def _decode(session: Session, prompt: list[int], n: int, log: Any,
