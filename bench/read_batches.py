@@ -45,7 +45,7 @@ def trace(store: ExpertStore, rng: random.Random, tokens: int, per: int) -> Trac
 
 
 async def engine_gbps(batches: Trace, warmup: Trace, threads: int, split: int,
-                      inline: int, dest_gb: float = 0.0) -> float:
+                      inline: int, dest_gb: float = 0.0, gap_ms: float = 0.0) -> float:
     pool = IOPool(threads, split, inline_bytes=inline)
     buffers: dict[tuple[int, int], np.ndarray] = {}
     arena = _arena(dest_gb)
@@ -67,6 +67,8 @@ async def engine_gbps(batches: Trace, warmup: Trace, threads: int, split: int,
             await pool.read(jobs(b))
         nbytes, ms = 0, 0.0
         for b in batches:
+            if gap_ms:  # untimed: the disk idles while a layer computes
+                await asyncio.sleep(gap_ms / 1e3)
             got, t = await pool.read(jobs(b))
             nbytes, ms = nbytes + got, ms + t
     finally:
@@ -80,7 +82,8 @@ def _arena(gb: float) -> np.ndarray | None:
         return None
     import mlx.core as mx
 
-    a = mx.zeros((int(gb * 1e9),), dtype=mx.uint8)
+    rows = max(1, int(gb * 1e9) // 2**30)  # MLX dims are int32: [rows, 1 GiB]
+    a = mx.zeros((rows, 2**30), dtype=mx.uint8)
     mx.eval(a)
     _arena.keep = a  # the numpy view does not own the memory
     return np.frombuffer(memoryview(a).cast("B"), dtype=np.uint8)
@@ -96,6 +99,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--dest-gb", type=float, default=0.0,
                     help="read into this much MLX memory, fresh bytes every read (as slots)")
+    ap.add_argument("--gap-ms", type=float, default=0.0,
+                    help="idle this long (untimed) before each engine batch, as compute does")
     ap.add_argument("--load", type=int, default=0,
                     help="this many threads of MLX matmuls throughout, as a token's compute")
     ap.add_argument("--runs", default="engine:ra:4:3,engine:nora:4:3,engine:nora:4:1,"
@@ -125,7 +130,7 @@ def main() -> None:
             else:
                 inline = {"inline": INLINE_BYTES, "submit": 1 << 40}.get(kind, 0)
                 gbps = asyncio.run(engine_gbps(timed, warmup, int(threads), int(split), inline,
-                                               a.dest_gb))
+                                               a.dest_gb, a.gap_ms))
         finally:
             store.close()
         print(f"{run:24s} {gbps:6.3f} GB/s", flush=True)
