@@ -32,6 +32,7 @@ from flashmoe.stages.prefetch import Prefetcher, guess_next
 from flashmoe.stages.proxy_step import ProxyStep
 from flashmoe.stages.router import RouterStage
 from flashmoe.stages.sampling import Sampler, SamplingStage
+from flashmoe.stages.speculate import Speculator
 
 
 @dataclass(slots=True)
@@ -44,6 +45,7 @@ class StepState:
     read_experts: bool = True  # False: bench's compute-alone run (slots keep stale bytes)
     pending: list[tuple[SlotPool, SlotGrant]] = field(default_factory=list)  # not yet evaluated
     prefetch: Prefetcher | None = None
+    speculate: bool = False  # a decode step may try the whole token at once (speculate.py)
 
 
 class Pipeline:
@@ -69,6 +71,9 @@ class Pipeline:
         # several ranks: each fetches and computes its share, one all_sum per MoE layer
         self.parallel = parallel and ExpertParallelStage(parallel, worker, self.fetch,
                                                          self.compute, resident.num_experts)
+        # one trip per token while every routed expert is in a slot (adapter families, 1 rank)
+        self.speculator = Speculator(self) if not resident.proxies and parallel is None \
+            else None
 
     async def forward(self, ids: list[int], step: StepState,
                       all_logits: bool = False, head: bool = True) -> mx.array | None:
@@ -81,11 +86,17 @@ class Pipeline:
         fam, model = self.r.family, self.r.model
         x0 = await self.worker.build(self._embed, ids)
         masks = await self.worker.build(fam.masks, model, x0, step.cache)
+        start = 0
+        if self._speculates(step, ids):
+            got = await self.speculator(step, x0, masks, all_logits)
+            if got.logits is not None:
+                return got.logits
+            start, x0 = got.layer, got.x
         if self.prefetch and len(ids) == 1:
             step.prefetch = Prefetcher(partial(self._fetch, step), self.fetch.pools)
         try:
             x_fn = await self.through_layers(step, x0, lambda i, layer, x_fn: partial(
-                self.attention.build, i, layer, x_fn, masks[i], step.cache[i]))
+                self.attention.build, i, layer, x_fn, masks[i], step.cache[i]), start)
             if not head:
                 t0 = time.perf_counter()
                 await self.worker.run(lambda: [c.state for c in step.cache])
@@ -99,11 +110,15 @@ class Pipeline:
 
     async def through_layers(self, step: StepState, x0: mx.array,
                              attend: Callable[[int, nn.Module, Callable[[], mx.array]],
-                                              Callable[[], Attended]]) -> Callable[[], mx.array]:
-        """Every layer after x0; attend(i, layer, x_fn) builds layer i's attention (a partial
-        whose first argument is i). Returns the last layer's output, not yet evaluated."""
+                                              Callable[[], Attended]],
+                             start: int = 0) -> Callable[[], mx.array]:
+        """Layers start.. after x0 (layer start's input); attend(i, layer, x_fn) builds layer
+        i's attention (a partial whose first argument is i). Returns the last layer's output,
+        not yet evaluated."""
         x_fn: Callable[[], mx.array] = lambda: x0  # noqa: E731 - a chain of graph builders
         for i, layer in enumerate(self.layers):
+            if i < start:
+                continue
             att_fn = attend(i, layer, x_fn)
             block = self.r.family.moe_block(layer)
             if block is None:
@@ -120,6 +135,11 @@ class Pipeline:
         logits = await self.worker.run(lambda: self._head(x_fn(), all_logits))
         step.stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
         return logits
+
+    def _speculates(self, step: StepState, ids: list[int]) -> bool:
+        return (self.speculator is not None and step.speculate and len(ids) == 1
+                and step.read_experts and not self.prefetch
+                and self.speculator.usable(step.cache))
 
     def release(self, step: StepState) -> None:
         """Unpin the step's slot grants (after the evaluation that read them, or on an error)."""
