@@ -64,14 +64,50 @@ def check(ref, got, setting: str) -> None:
     assert again == ref[0], f"{setting}: a second pass over a warm cache decoded another stream"
 
 
+# The tiny fixtures' own dims (hidden 64, head_dim 16/32) give mlx-lm itself garbage prompt
+# logits on the H200 (mlx-cuda 0.32.4: 1e32 and NaN at some positions, f32 and bf16 alike,
+# 2026-12-01): on the GPU the families run at dims like real checkpoints'.
+GPU_DIMS = {"hidden_size": 512, "head_dim": 128, "moe_intermediate_size": 512,
+            "intermediate_size": 512, "shared_expert_intermediate_size": 512}
+LINEAR = {"linear_key_head_dim": 128, "linear_value_head_dim": 128}
+
+
+def gpu_dims(family: str) -> dict:
+    dims = dict(GPU_DIMS)
+    if family in ("qwen3_5_moe", "qwen3_next"):
+        dims.update(LINEAR)
+    if family in ("mixtral", "qwen2_moe"):  # head_dim is hidden / heads there
+        dims.pop("head_dim")
+    if family == "mixtral":
+        dims.pop("moe_intermediate_size")
+        dims.pop("shared_expert_intermediate_size")
+    if family == "qwen3_moe":
+        dims.pop("shared_expert_intermediate_size")
+    return dims
+
+
+def reference_is_sound(path, gpu_logits: np.ndarray) -> str | None:
+    """mlx-lm's GPU logits against its own CPU logits: where they disagree grossly the GPU
+    reference itself is broken at these shapes and nothing can be checked against it."""
+    from mlx_lm import load
+
+    with mx.stream(mx.cpu):
+        model, _ = load(str(path))
+        cpu = np.array(model(mx.array([PROMPT]))[0].astype(mx.float32))
+    gap = np.abs(gpu_logits - cpu)
+    if np.isnan(gap).any() or gap.max() > 0.25 * (np.abs(cpu).max() + 1):
+        return f"mlx-lm's own GPU prompt logits differ from its CPU logits by {np.nanmax(gap):.3g}"
+    return None
+
+
 @pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_next", "qwen3_moe", "mixtral",
                                     "qwen2_moe"])
 async def test_gpu_parity_tiny(tiny, family):
-    # bf16 like every real checkpoint: with f32 fixtures mlx-cuda 0.32.4 gave mlx-lm itself
-    # garbage prompt logits (NaN, 1e32) on the H200 (QUALITY.md, 2026-12-01)
-    path = tiny(family, dtype=mx.bfloat16)
+    path = tiny(family, dtype=mx.bfloat16, **gpu_dims(family))  # bf16, as real checkpoints
     ref = reference(path)
-    assert not np.isnan(ref[1][-1]).any(), "mlx-lm itself gives NaN logits on this GPU"
+    broken = reference_is_sound(path, ref[1])
+    if broken:
+        pytest.skip(f"{broken}: no reference on this backend")
     expert, k = expert_nbytes(path)
     for name, opts in settings(expert, k).items():
         check(ref, await streamed(path, **opts), name)
