@@ -56,7 +56,7 @@ async def test_a_wrong_slot_table_is_caught(tiny, monkeypatch):
     """One expert of one layer served from another expert's slot: the trace must differ."""
     real = Speculator._token
 
-    def swapped(self, x0, masks, cache, where, all_logits):
+    def swapped(self, x0, attend, where, all_logits):
         w = dict(where)
         layer = min(w)
         table = w[layer].copy()
@@ -64,10 +64,41 @@ async def test_a_wrong_slot_table_is_caught(tiny, monkeypatch):
         if len(held) >= 2:
             table[held[0]], table[held[1]] = table[held[1]], table[held[0]]
         w[layer] = table
-        return real(self, x0, masks, cache, w, all_logits)
+        return real(self, x0, attend, w, all_logits)
 
     monkeypatch.setattr(Speculator, "_token", swapped)
     path = tiny("qwen3_moe")
     ref = mlx_lm_trace(path, PROMPT, STEPS)
     got, _ = await flashmoe_trace(path, PROMPT, STEPS, cache_budget_gb=1.0)
     assert first_difference(ref, got) is not None, "a swapped expert went unnoticed"
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "mixtral"])
+async def test_a_batch_served_whole_token_equals_solo(tiny, family, monkeypatch):
+    """task=serve's batched step through the whole-token trip (each sequence's own caches
+    rolled back on a miss): every sequence's tokens are its solo tokens."""
+    from flashmoe.engine import Engine, EngineOptions
+    from tests.reference import flashmoe_greedy
+    from tests.test_batch import prompts, run_batched
+
+    outcomes: list[bool] = []
+    real = Speculator.__call__
+
+    async def counting(self, *args, **kwargs):
+        got = await real(self, *args, **kwargs)
+        outcomes.append(got.logits is not None)
+        return got
+
+    monkeypatch.setattr(Speculator, "__call__", counting)
+    path = tiny(family)
+    ps = prompts(4)
+    solo = [(await flashmoe_greedy(path, p, STEPS, cache_policy="none"))[0] for p in ps]
+    outcomes.clear()
+    engine = await Engine.open(path, EngineOptions(device="cpu", cache_budget_gb=1.0),
+                               tokenizer=False)
+    try:
+        assert await run_batched(engine, ps, [0, 0, 2, 5], STEPS) == solo
+    finally:
+        await engine.aclose()
+    assert sum(outcomes) >= STEPS // 2, f"{sum(outcomes)} of {len(outcomes)} served whole"
+    assert not all(outcomes), "no batched step fell back part-way: the roll-back was not run"

@@ -37,6 +37,7 @@ class BatchRunner:
         self.step = BatchStep(model.pipeline)
         # mlx-lm-forward families (proxied experts) step one sequence at a time
         self.batched = model.resident.family.batchable and model.pipeline.proxied is None
+        self.warm = True  # the last batched step read no expert: try the next one whole
 
     async def prefill(self, seq: Sequence) -> tuple[bool, StepReport]:
         """Feed the next chunk of seq's prompt (all but its last token); True once it is ready
@@ -61,8 +62,9 @@ class BatchRunner:
         async with self.model.step_lock:
             if self.batched:
                 logits = await self.step.forward([s.last for s in seqs], [s.cache for s in seqs],
-                                                 stats)
+                                                 stats, self.warm)
                 toks = await self.sample(seqs, logits, stats)
+                self.warm = stats.experts_fetched == 0 and not stats.extra.get("experts_host_hit")
             else:
                 toks = []
                 for s in seqs:

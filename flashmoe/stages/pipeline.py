@@ -86,17 +86,18 @@ class Pipeline:
         fam, model = self.r.family, self.r.model
         x0 = await self.worker.build(self._embed, ids)
         masks = await self.worker.build(fam.masks, model, x0, step.cache)
+        attend = lambda i, layer, x_fn: partial(  # noqa: E731 - layer i's attention builder
+            self.attention.build, i, layer, x_fn, masks[i], step.cache[i])
         start = 0
-        if self._speculates(step, ids):
-            got = await self.speculator(step, x0, masks, all_logits)
+        if self.speculates(step, len(ids), step.cache):
+            got = await self.speculator(step, x0, attend, [[c] for c in step.cache], all_logits)
             if got.logits is not None:
                 return got.logits
             start, x0 = got.layer, got.x
         if self.prefetch and len(ids) == 1:
             step.prefetch = Prefetcher(partial(self._fetch, step), self.fetch.pools)
         try:
-            x_fn = await self.through_layers(step, x0, lambda i, layer, x_fn: partial(
-                self.attention.build, i, layer, x_fn, masks[i], step.cache[i]), start)
+            x_fn = await self.through_layers(step, x0, attend, start)
             if not head:
                 t0 = time.perf_counter()
                 await self.worker.run(lambda: [c.state for c in step.cache])
@@ -136,10 +137,10 @@ class Pipeline:
         step.stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
         return logits
 
-    def _speculates(self, step: StepState, ids: list[int]) -> bool:
-        return (self.speculator is not None and step.speculate and len(ids) == 1
-                and step.read_experts and not self.prefetch
-                and self.speculator.usable(step.cache))
+    def speculates(self, step: StepState, tokens: int, caches: list[Any]) -> bool:
+        """Whether a decode step tries the whole token at once (stages/speculate.py)."""
+        return (self.speculator is not None and step.speculate and tokens == 1
+                and step.read_experts and not self.prefetch and self.speculator.usable(caches))
 
     def release(self, step: StepState) -> None:
         """Unpin the step's slot grants (after the evaluation that read them, or on an error)."""

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache
 
 ROLLBACK = (KVCache, ArraysCache)  # caches whose step can be undone by restoring attributes
+Attend = Callable[[int, Any, Callable[[], mx.array]], Callable[[], Any]]
 
 
 @dataclass(slots=True)
@@ -46,21 +47,23 @@ class Speculator:
         self.num_experts = pipeline.r.num_experts
         self._tables: dict[int, tuple[tuple, mx.array]] = {}  # layer -> (pool, changes), table
 
-    def usable(self, cache: list[Any]) -> bool:
+    def usable(self, caches: list[Any]) -> bool:
         """Only caches whose step can be undone (mlx-lm's KVCache, ArraysCache), and pools
         that keep experts between steps (policy none frees every slot after its use)."""
         pools = self.p.fetch.pools
-        return all(type(c) in ROLLBACK for c in cache) and \
+        return all(type(c) in ROLLBACK for c in caches) and \
             all(pools[i].policy != "none" for i in self.moe)
 
-    async def __call__(self, step: Any, x0: mx.array, masks: list[Any], all_logits: bool
-                       ) -> Outcome:
+    async def __call__(self, step: Any, x0: mx.array, attend: Attend,
+                       caches: list[list[Any]], all_logits: bool = False) -> Outcome:
+        """attend(i, layer, x_fn) -> a builder of layer i's Attended (Pipeline.through_layers'
+        argument); caches[i]: every cache object layer i's attention updates (one per
+        sequence), put back as they were if the layer has to run again."""
         stats = step.stats
         t0 = time.perf_counter()
         where = {i: self.p.fetch.pools[i].where(i, self.num_experts) for i in self.moe}
-        saved = [_snapshot(c) for c in step.cache]
-        logits, routed, xs = await self.p.worker.run(
-            self._token, x0, masks, step.cache, where, all_logits)
+        saved = [[_snapshot(c) for c in layer] for layer in caches]
+        logits, routed, xs = await self.p.worker.run(self._token, x0, attend, where, all_logits)
         t1 = time.perf_counter()
         first = len(self.p.layers)  # the first layer that routed outside the slots
         for i, inds in routed.items():
@@ -74,13 +77,14 @@ class Speculator:
         stats.extra["speculated_layers"] = stats.extra.get("speculated_layers", 0) + served
         if first == len(self.p.layers):
             return Outcome(logits)
-        for c, snap in zip(step.cache[first:], saved[first:]):
-            _restore(c, snap)
+        for layer, snaps in zip(caches[first:], saved[first:]):
+            for c, snap in zip(layer, snaps):
+                _restore(c, snap)
         stats.extra["speculation_missed_at"] = first
         return Outcome(None, first, xs[first])
 
-    def _token(self, x0: mx.array, masks: list[Any], cache: list[Any],
-               where: dict[int, np.ndarray], all_logits: bool
+    def _token(self, x0: mx.array, attend: Attend, where: dict[int, np.ndarray],
+               all_logits: bool
                ) -> tuple[mx.array, dict[int, np.ndarray], list[mx.array]]:
         """Every layer and the head in one graph, evaluated with the routing (MLX thread)."""
         p, fam = self.p, self.p.r.family
@@ -88,7 +92,7 @@ class Speculator:
         x, xs, inds = x0, [], {}
         for i, layer in enumerate(p.layers):
             xs.append(x)
-            att = p.attention.build(i, layer, lambda x=x: x, masks[i], cache[i])
+            att = attend(i, layer, lambda x=x: x)()
             block = self.moe.get(i)
             if block is None:
                 x = att.h + fam.dense_mlp(layer, att.xn)
