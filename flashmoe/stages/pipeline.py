@@ -24,6 +24,7 @@ from flashmoe.runtime.io_pool import IOPool
 from flashmoe.runtime.mlx_worker import MlxWorker
 from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
 from flashmoe.stages.attention import AttentionStage
+from flashmoe.stages.cached_run import CachedRun
 from flashmoe.stages.expert_compute import ExpertComputeStage
 from flashmoe.stages.expert_fetch import ExpertFetchStage
 from flashmoe.stages.expert_parallel import ExpertParallelStage
@@ -63,6 +64,7 @@ class Pipeline:
         self.fetch = ExpertFetchStage(store, pools, io, verify)
         self.compute = ExpertComputeStage(worker, fam, pools, quant, resident.proxies)
         self.sampling = SamplingStage(worker)
+        self.cached = CachedRun(self)
         self.prefetch, self.k = prefetch and parallel is None, k
         # an MlxLmFamily runs mlx-lm's own forward with proxied experts (no prefetch there)
         self.proxied = ProxyStep(self) if resident.proxies else None
@@ -103,6 +105,8 @@ class Pipeline:
         """Every layer after x0; attend(i, layer, x_fn) builds layer i's attention (a partial
         whose first argument is i). Returns the last layer's output, not yet evaluated."""
         x_fn: Callable[[], mx.array] = lambda: x0  # noqa: E731 - a chain of graph builders
+        if step.prefetch is None and self.parallel is None:
+            return await self._through_cached(step, x_fn, attend)
         for i, layer in enumerate(self.layers):
             att_fn = attend(i, layer, x_fn)
             block = self.r.family.moe_block(layer)
@@ -112,6 +116,19 @@ class Pipeline:
             att, routed = await self.route(step, att_fn, block)
             x_fn = await self.experts(step, att, routed, block)
         return x_fn
+
+    async def _through_cached(self, step: StepState, x_fn: Callable[[], mx.array],
+                              attend: Callable) -> Callable[[], mx.array]:
+        """Cached layers run in one MLX-thread job (CachedRun); a layer with a miss comes
+        back here for the fetch and compute stages, then the job resumes after it."""
+        i = 0
+        while True:
+            i, x_fn, miss = await self.worker.build(self.cached, step, i, x_fn, attend)
+            if miss is None:
+                return x_fn
+            att, routed, block = miss
+            x_fn = await self.experts(step, att, routed, block)
+            i += 1
 
     async def head_logits(self, step: StepState, x_fn: Callable[[], mx.array],
                           all_logits: bool = False) -> mx.array:
