@@ -40,18 +40,20 @@ class CachedRun:
                  attend: Attend) -> tuple[int, XFn, Miss | None]:
         """In the MLX thread: (index reached, its input's builder, None) after the last
         layer, or (index, the previous output's builder, the layer's routing) at a miss."""
-        p, fam, stats = self.p, self.p.r.family, step.stats
+        p, stats = self.p, step.stats
         for i in range(start, len(p.layers)):
             layer, block = p.layers[i], self.blocks[i]
             att_fn = attend(i, layer, x_fn)
             if block is None:
                 x_fn = partial(p._dense, layer, att_fn)
                 continue
-            att, routed = self._route(step, att_fn, block, stats)
+            att, routed = self._route(att_fn, block, stats)
             p._release_pending(step)  # the routing evaluation consumed the previous slots
             pool = p.fetch.pools[i]
             if len(routed.experts) > pool.free_slots() or not all(
                     pool.cached(i, e) for e in routed.experts):
+                if routed.shared is not None:  # it computes while the experts are read
+                    mx.async_eval(routed.shared)
                 return i, x_fn, (att, routed, block)
             grant = pool.grant(i, list(routed.experts))
             stats.experts_hit += len(grant.slots)
@@ -62,20 +64,19 @@ class CachedRun:
             step.pending.append((pool, grant))
         return len(p.layers), x_fn, None
 
-    def _route(self, step: StepState, att_fn: Callable[[], Attended], block: nn.Module,
+    def _route(self, att_fn: Callable[[], Attended], block: nn.Module,
                stats: StepStats) -> tuple[Attended, Routed]:
         """RouterStage's trip, inline: evaluate the previous layer's experts, this layer's
-        attention and routing; read the choice back; start the shared expert."""
+        attention and routing, and read the choice back. The shared expert is built, not
+        started: with every expert cached it evaluates with the routed ones (one launch)."""
         fam = self.p.r.family
         t0 = time.perf_counter()
         att = att_fn()
         inds, scores = fam.route(block, att.xn, self.p.k)
         mx.eval(inds, scores, att.h, att.xn)
         ids = np.array(inds)
-        shared = fam.shared(block, att.xn)
-        if shared is not None:
-            mx.async_eval(shared)
         t1 = time.perf_counter()
+        shared = fam.shared(block, att.xn)
         experts = tuple(sorted(set(ids.ravel().tolist())))
         stats.device_trip_ms += (t1 - t0) * 1e3
         stats.route_host_ms += (time.perf_counter() - t1) * 1e3
