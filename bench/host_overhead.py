@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import io
 import json
 import pstats
@@ -40,6 +41,7 @@ from flashmoe.config import compose_config
 from flashmoe.config_validate import validate
 from flashmoe.engine import Engine
 from flashmoe.hardware import resolve_hardware
+from flashmoe.stages import expert_compute, token_graph
 from flashmoe.synth.demo import DEMO_BITS, DEMO_DIMS, build_demo
 from flashmoe.tasks.common import checkpoint_path, engine_options
 
@@ -101,7 +103,9 @@ def span_targets(engine: Engine) -> list[tuple[object, str, str]]:
            (fam, "attention", "build attention"), (fam, "mlp_input", "build attention"),
            (fam, "route", "build router"), (fam, "shared", "build shared expert"),
            (p.compute, "_whole", "build routed experts"),
-           (fam, "combine", "build routed experts")]
+           (fam, "combine", "build routed experts"), (fam, "head", "build head")]
+    for module in (expert_compute, token_graph):  # their own reference to gather_experts
+        out.append((module, "gather_experts", "build routed experts"))
     for pool in engine.unique_pools():
         out += [(pool, "grant", "slot grant+release"), (pool, "release", "slot grant+release")]
     return out
@@ -175,21 +179,25 @@ async def main_async(args: argparse.Namespace, overrides: list[str]) -> dict:
     opts = engine_options(cfg)
     engine = await Engine.open(path, opts)
     try:
-        layers = len(engine.pipeline.layers)
+        layers, k, device = len(engine.pipeline.layers), engine.k, engine.device
         prompt = engine.encode(PROMPT)
         stream, out = await measure(engine, prompt, args.tokens, args.repeats, layers)
         text = await profile(engine, prompt, args.tokens, args.profile) if args.profile else ""
     finally:
         await engine.aclose()
-    base = run_baseline(path, prompt, args.tokens, opts.dtype, engine.k)
+    del engine  # its slots and resident weights, before mlx-lm loads the checkpoint
+    gc.collect()
+    mx.clear_cache()
+    base = run_baseline(path, prompt, args.tokens, opts.dtype, k) if args.baseline \
+        else {"status": "skipped"}
     if base.get("status") == "ok":
         out["mlx_lm_ms"] = 1e3 / base["tok_s"] / layers
         out["ratio_vs_mlx_lm"] = out["wall_ms"] / out["mlx_lm_ms"]
         out["tokens_match_mlx_lm"] = base["token_ids"] == stream
     else:
         out["mlx_lm"] = base
-    out.update(layers=layers, k=engine.k, tokens=args.tokens, repeats=args.repeats,
-               device=engine.device, path=str(path))
+    out.update(layers=layers, k=k, tokens=args.tokens, repeats=args.repeats, device=device,
+               path=str(path))
     return {"summary": out, "profile": text}
 
 
@@ -197,6 +205,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=32, help="decoded tokens per timed pass")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
+                    help="skip resident mlx-lm (it loads the whole checkpoint)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print cProfile's top N functions per thread")
     args, overrides = ap.parse_known_args()

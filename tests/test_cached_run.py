@@ -16,9 +16,10 @@ PROMPT = [5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150, 9, 480, 33, 120, 8, 2
 STEPS = 16
 
 
-async def warm_then_trace(path, **opts) -> tuple[Trace, list, Engine]:
+async def warm_then_trace(path, forget_every: int = 0, **opts) -> tuple[Trace, list, Engine]:
     """Decode the stream once (filling the slots), then trace it again: (trace, the second
-    pass's step stats, engine)."""
+    pass's step stats, engine). forget_every=n: the cache is emptied after every n-th token
+    of the second pass, and every token tries one graph (those that miss roll back)."""
     opts.setdefault("device", os.environ.get("FLASHMOE_TEST_DEVICE", "cpu"))
     engine = await Engine.open(path, EngineOptions(**opts), tokenizer=False)
     seen: list[np.ndarray] = []
@@ -32,6 +33,10 @@ async def warm_then_trace(path, **opts) -> tuple[Trace, list, Engine]:
 
     def recording(logprobs: mx.array) -> mx.array:
         seen.append(np.array(logprobs.astype(mx.float32)).reshape(-1))
+        if forget_every and len(seen) % forget_every == 0:
+            engine.reset_cache()  # between steps: no slot is pinned
+        if forget_every:
+            engine.pipeline.token_graph.missed = False  # every token tries one graph
         return mx.argmax(logprobs, axis=-1)
 
     try:
@@ -50,6 +55,8 @@ async def test_every_expert_cached_is_exact(tiny, reference, family):
     got, steps, _ = await warm_then_trace(path, cache_budget_gb=budget_for(path, 1000))
     assert all(s.experts_fetched == 0 and s.experts_hit > 0 for s in steps)
     assert not any(s.extra.get("staged_layers") for s in steps)
+    assert all(s.extra.get("token_graph") == 1 for s in steps)  # one graph per token
+    assert not any(s.extra.get("token_graph_missed") for s in steps)
     assert_exact(reference(path, PROMPT, STEPS), got)
 
 
@@ -59,4 +66,17 @@ async def test_hits_and_misses_in_one_token_are_exact(tiny, reference):
     path = tiny("qwen3_5_moe")
     got, steps, _ = await warm_then_trace(path, cache_budget_gb=budget_for(path, 48))
     assert any(0 < s.extra.get("staged_layers", 0) < 4 for s in steps[1:])
+    assert_exact(reference(path, PROMPT, STEPS), got)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_moe"])
+async def test_a_token_graph_that_missed_rolls_back_exactly(tiny, reference, family):
+    """The cache emptied every 3rd token: the next token's one-graph try routes to uncached
+    experts, its KV / Gated DeltaNet updates are undone and it runs again layer by layer."""
+    path = tiny(family)
+    got, steps, _ = await warm_then_trace(path, forget_every=3,
+                                          cache_budget_gb=budget_for(path, 1000))
+    assert sum(s.extra.get("token_graph_missed", 0) for s in steps) >= 5
+    assert any(s.extra.get("token_graph") and not s.extra.get("token_graph_missed")
+               for s in steps)
     assert_exact(reference(path, PROMPT, STEPS), got)

@@ -95,6 +95,7 @@ class SlotPool:
         self._order = Eviction(n, policy)
         self._uses: dict[tuple[int, int], int] = {}
         self.hits = self.misses = 0
+        self.version = 0  # bumped whenever a slot changes owner (stages/token_graph.py)
 
     @property
     def nbytes(self) -> int:
@@ -118,6 +119,10 @@ class SlotPool:
 
     def cached(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._table
+
+    def owners(self) -> list[tuple[tuple[int, int], int]]:
+        """Every cached ((layer, expert), slot)."""
+        return list(self._table.items())
 
     def grant(self, layer: int, experts: list[int]) -> SlotGrant:
         """Pin a slot for each expert (reusing cached ones); len(experts) <= free slots."""
@@ -172,6 +177,7 @@ class SlotPool:
 
     def _assign(self, s: int, key: tuple[int, int]) -> None:
         self._forget(s)
+        self.version += 1
         self._owner[s] = key
         self._table[key] = s
 
@@ -180,3 +186,4 @@ class SlotPool:
         if old is not None:
             self._table.pop(old, None)
             self._owner[s] = None
+            self.version += 1

@@ -33,6 +33,7 @@ from flashmoe.stages.prefetch import Prefetcher, guess_next
 from flashmoe.stages.proxy_step import ProxyStep
 from flashmoe.stages.router import RouterStage
 from flashmoe.stages.sampling import Sampler, SamplingStage
+from flashmoe.stages.token_graph import TokenGraph
 
 
 @dataclass(slots=True)
@@ -65,6 +66,7 @@ class Pipeline:
         self.compute = ExpertComputeStage(worker, fam, pools, quant, resident.proxies)
         self.sampling = SamplingStage(worker)
         self.cached = CachedRun(self)
+        self.token_graph = TokenGraph(self)
         self.prefetch, self.k = prefetch and parallel is None, k
         # an MlxLmFamily runs mlx-lm's own forward with proxied experts (no prefetch there)
         self.proxied = ProxyStep(self) if resident.proxies else None
@@ -80,11 +82,14 @@ class Pipeline:
         prefill evaluates only the cache states; the last layer's experts are not needed."""
         if self.proxied is not None:
             return await self.proxied.forward(ids, step, all_logits, head)
-        fam, model = self.r.family, self.r.model
-        x0 = await self.worker.build(self._embed, ids)
-        masks = await self.worker.build(fam.masks, model, x0, step.cache)
+        x0, masks = await self.worker.build(self._inputs, ids, step.cache)
         if self.prefetch and len(ids) == 1:
             step.prefetch = Prefetcher(partial(self._fetch, step), self.fetch.pools)
+        elif self.parallel is None and self.token_graph.eligible(step, ids, head):
+            logits = await self.worker.build(self.token_graph, step, x0, masks, all_logits)
+            if logits is not None:
+                return logits
+        fetched = step.stats.experts_fetched
         try:
             x_fn = await self.through_layers(step, x0, lambda i, layer, x_fn: partial(
                 self.attention.build, i, layer, x_fn, masks[i], step.cache[i]))
@@ -93,7 +98,10 @@ class Pipeline:
                 await self.worker.run(lambda: [c.state for c in step.cache])
                 step.stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
                 return None
-            return await self.head_logits(step, x_fn, all_logits)
+            logits = await self.head_logits(step, x_fn, all_logits)
+            if len(ids) == 1:  # a token read nothing: the next one may run as one graph
+                self.token_graph.missed = step.stats.experts_fetched > fetched
+            return logits
         finally:
             if step.prefetch is not None:
                 await step.prefetch.cancel()
@@ -207,6 +215,10 @@ class Pipeline:
     def _dense(self, layer: nn.Module, att_fn: Callable[[], Attended]) -> mx.array:
         att = att_fn()
         return att.h + self.r.family.dense_mlp(layer, att.xn)
+
+    def _inputs(self, ids: list[int], cache: list[Any]) -> tuple[mx.array, list[Any]]:
+        x0 = self._embed(ids)
+        return x0, self.r.family.masks(self.r.model, x0, cache)
 
     def _embed(self, ids: list[int]) -> mx.array:
         x = self.r.family.embed(self.r.model, mx.array([ids]))
