@@ -5,6 +5,7 @@
 #   bench/h200.sh all bash bench/gpu_checklist.sh build     # 13 shape-faithful layers (47.6 GB)
 #   bench/h200.sh all bash bench/gpu_checklist.sh scale     # issue 16: the issue's own runs
 #   bench/h200.sh all bash bench/gpu_checklist.sh speed     # issue 12: default vs io.cuda_copy, 2 tiers
+#   bench/h200.sh all bash bench/gpu_checklist.sh overhead  # issue 12: per-layer host overhead, cached
 #   bench/h200.sh all bash bench/gpu_checklist.sh batch     # issue 11: task.concurrency sweep
 # Serve needs starlette, uvicorn and sse-starlette among the carried wheels (.whl/).
 # Every stage writes its log under $OUT (the device tool brings it back).
@@ -17,7 +18,7 @@ run() { echo "+ $*"; "$@" 2>&1 | grep -v '^\[INFO\]'; }
 case "${1:-}" in
 exact)  # tiny fixtures of all families + 4 shaped layers, every cache policy; slot copies
   run timeout 540 python3 -m pytest -p no:cacheprovider -rA tests/test_gpu_parity.py \
-    tests/test_cuda_copy.py tests/test_batch.py -x | tee "$OUT/exact.log" ;;
+    tests/test_cuda_copy.py tests/test_batch.py tests/test_cached_run.py -x | tee "$OUT/exact.log" ;;
 build)
   run timeout 540 python3 -c "from flashmoe.synth.shaped import build_shaped; \
 build_shaped('$S', layers=13, progress=False)" | tee "$OUT/build.log" ;;
@@ -35,9 +36,16 @@ speed)  # 60-layer equivalents from wall time per token (issue 12): today's path
   run timeout 300 python3 -m flashmoe task=bench hardware=h200 model.path=$S \
     model.experts_per_token=10 cache.budget_gb=26 cache.host_budget_gb=19.5 task.check=mlx_lm \
     task.tokens=32 task.repeats=2 hydra.run.dir="$OUT/tiers" | tee -a "$OUT/speed.log" ;;
+overhead)  # issue 12 item 1: per-layer wall / mx.eval / host ms with every expert cached, K=4,
+  # against resident mlx-lm (BENCHMARKS.md "Host overhead per layer"); then a profile
+  run timeout 400 python3 bench/host_overhead.py --tokens 32 --repeats 3 hardware=h200 \
+    model.path=$S model.experts_per_token=4 cache.budget_gb=20.8 | tee "$OUT/overhead.log"
+  run timeout 150 python3 bench/host_overhead.py --tokens 32 --repeats 1 --no-baseline \
+    --profile 30 hardware=h200 model.path=$S model.experts_per_token=4 cache.budget_gb=20.8 \
+    | tee -a "$OUT/overhead.log" ;;
 batch)
   run timeout 560 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S cache=none \
     model.experts_per_token=10 task.concurrency=1,2,4,8,16 task.tokens=16 task.repeats=1 \
     hydra.sweep.dir="$OUT/batch" | tee "$OUT/batch.log" ;;
-*) echo "usage: $0 exact|build|scale|speed|batch" >&2; exit 2 ;;
+*) echo "usage: $0 exact|build|scale|speed|overhead|batch" >&2; exit 2 ;;
 esac

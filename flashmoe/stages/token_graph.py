@@ -35,7 +35,7 @@ class TokenGraph:
         self.blocks = [fam.moe_block(layer) for layer in pipeline.layers]
         self.experts = pipeline.r.num_experts
         self.pools = list({id(pl): pl for pl in pipeline.fetch.pools.values()}.values())
-        self._table: mx.array | None = None
+        self._table: list[mx.array] | None = None
         self._version: tuple[int, ...] = ()
         self.missed = False  # the last try read an uncached expert: next token layer by layer
 
@@ -55,7 +55,7 @@ class TokenGraph:
         t0 = time.perf_counter()
         saved = [_snapshot(c) for c in step.cache]
         table = self._device_table()
-        routed: list[tuple[int, mx.array]] = []
+        routed: list[tuple[int, mx.array]] = []  # (layer, ids [B, L, k])
         for i, layer in enumerate(p.layers):
             h = fam.attention(layer, x, masks[i], step.cache[i])
             xn = fam.mlp_input(layer, h)
@@ -65,7 +65,7 @@ class TokenGraph:
                 continue
             inds, scores = fam.route(block, xn, p.k)
             shared = fam.shared(block, xn)
-            slots = mx.take(table, inds + i * self.experts)  # [B, L, k] uint32, as _slot_ids
+            slots = mx.take(table[i], inds)  # [B, L, k] uint32, as _slot_ids
             w = p.fetch.pools[i].store.weights()
             y = gather_experts(xn, slots, w, p.compute.quant[i], block.switch_mlp.activation)
             x = h + fam.combine(y, scores, shared)
@@ -91,16 +91,16 @@ class TokenGraph:
             stats.extra["token_graph_missed"] = stats.extra.get("token_graph_missed", 0) + 1
         return logits if ok else None
 
-    def _device_table(self) -> mx.array:
-        """(layer * experts + expert) -> slot of every cached expert (0 where none: such a
-        lookup is caught by the check after the evaluation); rebuilt when a slot moved."""
+    def _device_table(self) -> list[mx.array]:
+        """Per layer, expert -> slot of every cached expert (0 where none: such a lookup is
+        caught by the check after the evaluation); rebuilt when a slot changed owner."""
         version = tuple(pool.version for pool in self.pools)
         if self._table is None or version != self._version:
-            table = np.zeros(len(self.p.layers) * self.experts, dtype=np.uint32)
+            table = np.zeros((len(self.p.layers), self.experts), dtype=np.uint32)
             for pool in self.pools:
                 for (layer, e), s in pool.owners():
-                    table[layer * self.experts + e] = s
-            self._table, self._version = mx.array(table), version
+                    table[layer, e] = s
+            self._table, self._version = [mx.array(row) for row in table], version
         return self._table
 
 
