@@ -8,13 +8,19 @@ With no model override it builds (once, in the synth cache) a Qwen3.5-MoE-layout
 almost all host work. A warm-up pass decodes the same token stream, so every expert the timed
 passes route to is already in the slots (the summary says how many were read: 0 expected).
 
-Per layer (decode, wall ms per token / MoE layers):
-  wall_ms     flashmoe's wall time
-  eval_ms     time the MLX thread spent inside mx.eval (device work and waiting for it)
-  host_ms     wall - eval: Python and the hops between the event loop and the MLX thread
-  mlx_lm_ms   resident mlx-lm on the same checkpoint, same prompt and K (a child process)
---profile N prints cProfile's top N functions (by own time) of the event-loop thread and of
-the MLX thread over one more timed pass.
+Per layer (decode, ms per token / MoE layers; the median of the repeats):
+  wall_ms          flashmoe's wall time
+  eval_ms          wall time inside mx.eval and mx.async_eval: handing the graph to MLX and
+                   waiting for the device (async_eval waits too once MLX's queue is full)
+  dispatch_cpu_ms  the CPU time of those calls (MLX encoding the graph's kernels)
+  host_cpu_ms      CPU time of the event-loop and MLX threads outside those calls: graph
+                   building in Python (mlx-lm's modules and flashmoe's), bookkeeping, hops;
+                   thread CPU time, so a CPU backend computing beside it does not inflate it
+  mlx_lm_ms        resident mlx-lm on the same checkpoint, same prompt and K (a child
+                   process; --no-baseline skips it)
+The breakdown splits both clocks by what was called (exclusive of nested spans). --profile N
+prints cProfile's top N functions (by own time) of the event-loop thread and of the MLX
+thread over one more pass.
 """
 from __future__ import annotations
 
@@ -56,24 +62,25 @@ class Spans:
 
     def __init__(self, targets: list[tuple[object, str, str]]) -> None:
         self.targets, self.ms = targets, {name: 0.0 for _, _, name in targets}
-        self.calls = {name: 0 for _, _, name in targets}
+        self.cpu_ms = dict(self.ms)  # the calling thread's CPU time (time.thread_time)
         self._saved: list[tuple[object, str, object, bool]] = []
         self._local = threading.local()
 
     def _wrap(self, fn: Callable, name: str) -> Callable:
         def timed(*args, **kw):
             stack = self._local.__dict__.setdefault("stack", [])
-            stack.append(0.0)  # time of nested spans
-            t0 = time.perf_counter()
+            stack.append([0.0, 0.0])  # wall and CPU time of nested spans
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kw)
             finally:
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.thread_time() - c0
                 nested = stack.pop()
-                self.ms[name] += (dt - nested) * 1e3
-                self.calls[name] += 1
+                self.ms[name] += (dt - nested[0]) * 1e3
+                self.cpu_ms[name] += (dc - nested[1]) * 1e3
                 if stack:
-                    stack[-1] += dt
+                    stack[-1][0] += dt
+                    stack[-1][1] += dc
         return timed
 
     def __enter__(self) -> "Spans":
@@ -127,18 +134,24 @@ def tiny_checkpoint() -> Path:
 
 async def decode(engine: Engine, prompt: list[int], n: int,
                  spans: Spans | None = None) -> tuple[list[int], float, dict, dict]:
-    """n greedy tokens; (tokens, decode seconds after the first token, span ms in those,
-    summed decode stats)."""
-    toks, stamps, snaps = [], [], []
+    """n greedy tokens; (tokens, decode seconds after the first token, the spans' ms and the
+    Python threads' CPU ms over those, summed decode stats)."""
+    toks, stamps = [], []
     sums = {"experts_fetched": 0, "experts_hit": 0}
+    snap = lambda: {**({k: v for k, v in spans.ms.items()} if spans else {}),  # noqa: E731
+                    **({f"cpu:{k}": v for k, v in spans.cpu_ms.items()} if spans else {}),
+                    "cpu:threads": (time.thread_time() + engine.worker.call(time.thread_time))
+                    * 1e3}
     async for ev in engine.generate(prompt, n):
         toks.append(ev.token_id)
-        stamps.append(time.perf_counter())
-        snaps.append(dict(spans.ms) if spans is not None else {})
-        if len(toks) > 1:  # decode steps only (the first carries the prompt)
+        if len(toks) == 1:  # between steps the MLX thread is idle: its clock can be read
+            first = snap()
+        else:  # decode steps only (the first carries the prompt)
             for key in sums:
                 sums[key] += ev.stats.get(key, 0)
-    ms = {k: v - snaps[0][k] for k, v in snaps[-1].items()}
+        stamps.append(time.perf_counter())
+    last = snap()
+    ms = {k: v - first[k] for k, v in last.items()}
     return toks, stamps[-1] - stamps[0], ms, sums
 
 
@@ -153,11 +166,19 @@ async def measure(engine: Engine, prompt: list[int], tokens: int, repeats: int,
         runs.append((seconds * 1e3 * per, {k: v * per for k, v in ms.items()}))
         assert toks == stream, "the timed stream differs from the warm-up's"
     wall, parts = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
-    ev = parts["mx.eval"]
+    mlx = ("mx.eval", "mx.async_eval")  # dispatch to MLX, and waiting for the device
+    ev = sum(parts[k] for k in mlx)
+    dispatch_cpu = sum(parts[f"cpu:{k}"] for k in mlx)
+    host_cpu = parts.pop("cpu:threads") - dispatch_cpu
+    cpu = {k[4:]: round(parts.pop(k), 4) for k in list(parts) if k.startswith("cpu:")}
     parts["other host (glue, hops, stats)"] = wall - sum(parts.values())
-    return stream, {"wall_ms": wall, "eval_ms": ev, "host_ms": wall - ev, **sums,
+    cpu["other host (glue, hops, stats)"] = round(host_cpu - sum(
+        v for k, v in cpu.items() if k not in mlx), 4)
+    return stream, {"wall_ms": wall, "eval_ms": ev, "outside_eval_ms": wall - ev,
+                    "host_cpu_ms": host_cpu, "dispatch_cpu_ms": dispatch_cpu, **sums,
                     "wall_ms_runs": [round(w, 3) for w, _ in runs],
-                    "breakdown_ms": {k: round(v, 4) for k, v in parts.items()}}
+                    "breakdown_ms": {k: round(v, 4) for k, v in parts.items()},
+                    "breakdown_cpu_ms": cpu}
 
 
 async def profile(engine: Engine, prompt: list[int], tokens: int, top: int) -> str:
@@ -220,12 +241,13 @@ def main() -> None:
     s = res["summary"]
     print(res["profile"], end="")
     print(f"per layer ({s['layers']} layers, K={s['k']}, {s['device']}): "
-          f"wall {s['wall_ms']:.3f} ms = eval {s['eval_ms']:.3f} + host {s['host_ms']:.3f}; "
-          f"mlx-lm {s.get('mlx_lm_ms', float('nan')):.3f} ms "
+          f"wall {s['wall_ms']:.3f} ms (in mx.eval/async_eval {s['eval_ms']:.3f}, of it CPU "
+          f"{s['dispatch_cpu_ms']:.3f}); host Python CPU {s['host_cpu_ms']:.3f} ms; mlx-lm {s.get('mlx_lm_ms', float('nan')):.3f} ms "
           f"(x{s.get('ratio_vs_mlx_lm', float('nan')):.2f}); "
           f"experts read while timed: {s['experts_fetched']}")
+    print(f"  {'':32s} {'wall':>7s} {'cpu':>7s}  (ms per layer)")
     for name, ms in s["breakdown_ms"].items():
-        print(f"  {name:32s} {ms:7.3f} ms/layer")
+        print(f"  {name:32s} {ms:7.3f} {s['breakdown_cpu_ms'].get(name, 0.0):7.3f}")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}))
 
 

@@ -69,6 +69,7 @@ class TokenGraph:
             w = p.fetch.pools[i].store.weights()
             y = gather_experts(xn, slots, w, p.compute.quant[i], block.switch_mlp.activation)
             x = h + fam.combine(y, scores, shared)
+            mx.async_eval(x)  # the device runs this layer while the host builds the next
             routed.append((i, inds))
         logits = p._head(x, all_logits)
         mx.eval(logits, *(inds for _, inds in routed))
