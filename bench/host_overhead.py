@@ -205,6 +205,8 @@ async def main_async(args: argparse.Namespace, overrides: list[str]) -> dict:
     engine = await Engine.open(path, opts)
     try:
         layers, k, device = len(engine.pipeline.layers), engine.k, engine.device
+        if args.layer_by_layer:  # bench-only switch: the product has no such option
+            engine.pipeline.token_graph.eligible = lambda *a: False
         prompt = engine.encode(PROMPT)
         stream, out = await measure(engine, prompt, args.tokens, args.repeats, layers)
         text = await profile(engine, prompt, args.tokens, args.profile) if args.profile else ""
@@ -222,7 +224,7 @@ async def main_async(args: argparse.Namespace, overrides: list[str]) -> dict:
     else:
         out["mlx_lm"] = base
     out.update(layers=layers, k=k, tokens=args.tokens, repeats=args.repeats, device=device,
-               path=str(path))
+               path=str(path), layer_by_layer=args.layer_by_layer)
     return {"summary": out, "profile": text}
 
 
@@ -232,6 +234,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-baseline", dest="baseline", action="store_false",
                     help="skip resident mlx-lm (it loads the whole checkpoint)")
+    ap.add_argument("--layer-by-layer", action="store_true",
+                    help="never try a token as one graph (stages/token_graph.py): measures the "
+                         "per-layer path (stages/cached_run.py) on the same cache")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print cProfile's top N functions per thread")
     args, overrides = ap.parse_known_args()

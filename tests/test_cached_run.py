@@ -80,3 +80,16 @@ async def test_a_token_graph_that_missed_rolls_back_exactly(tiny, reference, fam
     assert any(s.extra.get("token_graph") and not s.extra.get("token_graph_missed")
                for s in steps)
     assert_exact(reference(path, PROMPT, STEPS), got)
+
+
+async def test_every_expert_cached_in_several_pools_is_exact(tiny, reference, monkeypatch):
+    """Pools split under the slot-array cap: each layer's slot ids index its own pool."""
+    import flashmoe.engine.model as engine_mod
+
+    monkeypatch.setattr(engine_mod.Model, "_slot_cap", lambda self, spec: 16)
+    path = tiny("qwen3_5_moe")
+    got, steps, engine = await warm_then_trace(path, cache_budget_gb=budget_for(path, 64))
+    assert len(engine.unique_pools()) == 4
+    assert all(s.extra.get("token_graph") == 1 and not s.extra.get("token_graph_missed")
+               for s in steps)
+    assert_exact(reference(path, PROMPT, STEPS), got)
