@@ -32,7 +32,6 @@ import importlib
 import io
 import json
 import pstats
-import statistics
 import sys
 import threading
 import time
@@ -247,7 +246,8 @@ def main() -> None:
     print(res["profile"], end="")
     print(f"per layer ({s['layers']} layers, K={s['k']}, {s['device']}): "
           f"wall {s['wall_ms']:.3f} ms (in mx.eval/async_eval {s['eval_ms']:.3f}, of it CPU "
-          f"{s['dispatch_cpu_ms']:.3f}); host Python CPU {s['host_cpu_ms']:.3f} ms; mlx-lm {s.get('mlx_lm_ms', float('nan')):.3f} ms "
+          f"{s['dispatch_cpu_ms']:.3f}); host Python CPU {s['host_cpu_ms']:.3f} ms; "
+          f"mlx-lm {s.get('mlx_lm_ms', float('nan')):.3f} ms "
           f"(x{s.get('ratio_vs_mlx_lm', float('nan')):.2f}); "
           f"experts read while timed: {s['experts_fetched']}")
     print(f"  {'':32s} {'wall':>7s} {'cpu':>7s}  (ms per layer)")
