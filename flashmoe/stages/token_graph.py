@@ -41,7 +41,7 @@ class TokenGraph:
 
     def eligible(self, step: StepState, ids: list[int], head: bool) -> bool:
         """A decode token whose caches can be rolled back, on a cache that keeps experts."""
-        if len(ids) != 1 or not head or self.missed:
+        if len(ids) != 1 or not head or self.missed or all(b is None for b in self.blocks):
             return False
         if any(pool.policy == "none" for pool in self.pools):
             return False
@@ -72,10 +72,12 @@ class TokenGraph:
             mx.async_eval(x)  # the device runs this layer while the host builds the next
             routed.append((i, inds))
         logits = p._head(x, all_logits)
-        mx.eval(logits, *(inds for _, inds in routed))
+        ids = mx.concatenate([inds.reshape(-1) for _, inds in routed])  # one readback
+        mx.eval(logits, ids)
         stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
         t1 = time.perf_counter()
-        chosen = [(i, sorted(set(np.array(inds).ravel().tolist()))) for i, inds in routed]
+        flat, n = np.array(ids).tolist(), len(ids) // max(1, len(routed))
+        chosen = [(i, sorted(set(flat[j * n:(j + 1) * n]))) for j, (i, _) in enumerate(routed)]
         ok = all(p.fetch.pools[i].cached(i, e) for i, experts in chosen for e in experts)
         if ok:
             for i, experts in chosen:  # the cache's recency and counters, as layer by layer
