@@ -37,12 +37,12 @@ speed)  # 60-layer equivalents from wall time per token (issue 12): today's path
     model.experts_per_token=10 cache.budget_gb=26 cache.host_budget_gb=19.5 task.check=mlx_lm \
     task.tokens=32 task.repeats=2 hydra.run.dir="$OUT/tiers" | tee -a "$OUT/speed.log" ;;
 overhead)  # issue 12 item 1: per-layer wall / mx.eval / host ms with every expert cached, K=4,
-  # against resident mlx-lm (BENCHMARKS.md "Host overhead per layer"); then a profile
-  run timeout 400 python3 bench/host_overhead.py --tokens 32 --repeats 3 hardware=h200 \
+  # against resident mlx-lm (BENCHMARKS.md (k)); then the per-layer path alone, with a profile
+  run timeout 380 python3 bench/host_overhead.py --tokens 32 --repeats 3 hardware=h200 \
     model.path=$S model.experts_per_token=4 cache.budget_gb=20.8 | tee "$OUT/overhead.log"
-  run timeout 150 python3 bench/host_overhead.py --tokens 32 --repeats 1 --no-baseline \
-    --profile 30 hardware=h200 model.path=$S model.experts_per_token=4 cache.budget_gb=20.8 \
-    | tee -a "$OUT/overhead.log" ;;
+  run timeout 170 python3 bench/host_overhead.py --tokens 32 --repeats 2 --no-baseline \
+    --layer-by-layer --profile 30 hardware=h200 model.path=$S model.experts_per_token=4 \
+    cache.budget_gb=20.8 | tee -a "$OUT/overhead.log" ;;
 batch)
   run timeout 560 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S cache=none \
     model.experts_per_token=10 task.concurrency=1,2,4,8,16 task.tokens=16 task.repeats=1 \
