@@ -124,6 +124,10 @@ class SlotPool:
         """Every cached ((layer, expert), slot)."""
         return list(self._table.items())
 
+    def slot_of(self, layer: int, expert: int) -> int | None:
+        """The slot holding (layer, expert), or None."""
+        return self._table.get((layer, expert))
+
     def grant(self, layer: int, experts: list[int]) -> SlotGrant:
         """Pin a slot for each expert (reusing cached ones); len(experts) <= free slots."""
         assert len(experts) <= self._free, "caller must chunk to the free slots"

@@ -36,6 +36,7 @@ class TokenGraph:
         self.experts = pipeline.r.num_experts
         self.pools = list({id(pl): pl for pl in pipeline.fetch.pools.values()}.values())
         self._table: list[mx.array] | None = None
+        self._host = np.zeros((0, 0), dtype=np.uint32)  # the table as the lookups saw it
         self._version: tuple[int, ...] = ()
         self.missed = False  # the last try read an uncached expert: next token layer by layer
 
@@ -78,7 +79,10 @@ class TokenGraph:
         t1 = time.perf_counter()
         flat, n = np.array(ids).tolist(), len(ids) // max(1, len(routed))
         chosen = [(i, sorted(set(flat[j * n:(j + 1) * n]))) for j, (i, _) in enumerate(routed)]
-        ok = all(p.fetch.pools[i].cached(i, e) for i, experts in chosen for e in experts)
+        # the slot each lookup used must still hold its expert (so a missed version bump
+        # could only cost a rerun, never a wrong result)
+        ok = all(p.fetch.pools[i].slot_of(i, e) == self._host[i, e]
+                 for i, experts in chosen for e in experts)
         if ok:
             for i, experts in chosen:  # the cache's recency and counters, as layer by layer
                 pool = p.fetch.pools[i]
@@ -104,6 +108,7 @@ class TokenGraph:
                 for (layer, e), s in pool.owners():
                     table[layer, e] = s
             self._table, self._version = [mx.array(row) for row in table], version
+            self._host = table
         return self._table
 
 
