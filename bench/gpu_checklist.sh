@@ -5,6 +5,7 @@
 #   bench/h200.sh all bash bench/gpu_checklist.sh build both  # 13 shaped layers (47.6 GB); the
 #                                        # issue's own runs and the five tiny families side by side
 #   bench/h200.sh all bash bench/gpu_checklist.sh speed     # issue 12 (timed: nothing else runs)
+#   bench/h200.sh all bash bench/gpu_checklist.sh overhead  # issue 12: host ms per layer
 #   bench/h200.sh all bash bench/gpu_checklist.sh batch     # issue 11: task.concurrency
 #   bench/h200.sh all bash bench/gpu_checklist.sh nccl      # issue 13, on nvidia-h200-x2
 # Serve needs starlette, uvicorn and sse-starlette among the carried wheels (.whl/).
@@ -19,7 +20,8 @@ for stage in "${@:-usage}"; do
 case "$stage" in
 exact)  # 4 shaped layers (K=4, 10), every cache policy; the staged CUDA copy path
   run timeout 400 python3 -m pytest -p no:cacheprovider -rA --durations=5 \
-    tests/test_gpu_parity.py -k shaped tests/test_cuda_copy.py | tee "$OUT/exact.log" ;;
+    tests/test_gpu_parity.py -k shaped tests/test_cuda_copy.py tests/test_cached_run.py \
+    tests/test_speculate.py | tee "$OUT/exact.log" ;;
 tiny)  # tiny fixtures of all five families, every cache policy; batched decode on the GPU
   run timeout 560 python3 -m pytest -p no:cacheprovider -rA --durations=5 \
     tests/test_gpu_parity.py -k tiny tests/test_batch.py | tee "$OUT/tiny.log" ;;
@@ -46,6 +48,13 @@ speed)  # issue 12, 60-layer equivalents from wall time per token: every expert 
   run timeout 120 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
     model.experts_per_token=4 cache=none task.cold=true io.cuda_copy=true task.tokens=16 \
     task.repeats=1 hydra.sweep.dir="$OUT/cold" | tee -a "$OUT/speed.log" ;;
+overhead)  # issue 12 item 1: per-layer wall / mx.eval / host ms with every expert cached, K=4,
+  # against resident mlx-lm (BENCHMARKS.md (k)); then the per-layer path alone, with a profile
+  run timeout 300 python3 bench/host_overhead.py --tokens 32 --repeats 3 hardware=h200 \
+    model.path=$S model.experts_per_token=4 cache.budget_gb=20.8 | tee "$OUT/overhead.log"
+  run timeout 170 python3 bench/host_overhead.py --tokens 32 --repeats 2 --no-baseline \
+    --layer-by-layer --profile 30 hardware=h200 model.path=$S model.experts_per_token=4 \
+    cache.budget_gb=20.8 | tee -a "$OUT/overhead.log" ;;
 batch)  # issue 11: N streams through the batched step; cached (overhead-bound) and cache=none
   run timeout 200 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
     model.experts_per_token=4 cache.budget_gb=20.8 task.concurrency=1,4,8 task.tokens=16 \
@@ -64,6 +73,6 @@ task.repeats=1"
 import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())" -n 2 --backend nccl -- \
     python3 -m flashmoe $C cache.budget_gb=5 dist.backend=nccl hydra.run.dir="$OUT/r2_B" \
     | tee -a "$OUT/nccl.log" ;;
-*) echo "usage: $0 exact|tiny|build|scale|both|speed|batch|nccl ..." >&2; exit 2 ;;
+*) echo "usage: $0 exact|tiny|build|scale|both|speed|overhead|batch|nccl ..." >&2; exit 2 ;;
 esac
 done

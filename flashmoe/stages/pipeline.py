@@ -24,6 +24,7 @@ from flashmoe.runtime.io_pool import IOPool
 from flashmoe.runtime.mlx_worker import MlxWorker
 from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
 from flashmoe.stages.attention import AttentionStage
+from flashmoe.stages.cached_run import CachedRun
 from flashmoe.stages.expert_compute import ExpertComputeStage
 from flashmoe.stages.expert_fetch import ExpertFetchStage
 from flashmoe.stages.expert_parallel import ExpertParallelStage
@@ -65,6 +66,7 @@ class Pipeline:
         self.fetch = ExpertFetchStage(store, pools, io, verify)
         self.compute = ExpertComputeStage(worker, fam, pools, quant, resident.proxies)
         self.sampling = SamplingStage(worker)
+        self.cached = CachedRun(self)
         self.prefetch, self.k = prefetch and parallel is None, k
         # an MlxLmFamily runs mlx-lm's own forward with proxied experts (no prefetch there)
         self.proxied = ProxyStep(self) if resident.proxies else None
@@ -83,9 +85,7 @@ class Pipeline:
         prefill evaluates only the cache states; the last layer's experts are not needed."""
         if self.proxied is not None:
             return await self.proxied.forward(ids, step, all_logits, head)
-        fam, model = self.r.family, self.r.model
-        x0 = await self.worker.build(self._embed, ids)
-        masks = await self.worker.build(fam.masks, model, x0, step.cache)
+        x0, masks = await self.worker.build(self._inputs, ids, step.cache)
         attend = lambda i, layer, x_fn: partial(  # noqa: E731 - layer i's attention builder
             self.attention.build, i, layer, x_fn, masks[i], step.cache[i])
         start = 0
@@ -117,6 +117,8 @@ class Pipeline:
         i's attention (a partial whose first argument is i). Returns the last layer's output,
         not yet evaluated."""
         x_fn: Callable[[], mx.array] = lambda: x0  # noqa: E731 - a chain of graph builders
+        if step.prefetch is None and self.parallel is None:
+            return await self._through_cached(step, x_fn, attend, start)
         for i, layer in enumerate(self.layers):
             if i < start:
                 continue
@@ -128,6 +130,19 @@ class Pipeline:
             att, routed = await self.route(step, att_fn, block)
             x_fn = await self.experts(step, att, routed, block)
         return x_fn
+
+    async def _through_cached(self, step: StepState, x_fn: Callable[[], mx.array],
+                              attend: Callable, start: int) -> Callable[[], mx.array]:
+        """Cached layers run in one MLX-thread job (CachedRun); a layer with a miss comes
+        back here for the fetch and compute stages, then the job resumes after it."""
+        i = start
+        while True:
+            i, x_fn, miss = await self.worker.build(self.cached, step, i, x_fn, attend)
+            if miss is None:
+                return x_fn
+            att, routed, block = miss
+            x_fn = await self.experts(step, att, routed, block)
+            i += 1
 
     async def head_logits(self, step: StepState, x_fn: Callable[[], mx.array],
                           all_logits: bool = False) -> mx.array:
@@ -211,6 +226,10 @@ class Pipeline:
     def _dense(self, layer: nn.Module, att_fn: Callable[[], Attended]) -> mx.array:
         att = att_fn()
         return att.h + self.r.family.dense_mlp(layer, att.xn)
+
+    def _inputs(self, ids: list[int], cache: list[Any]) -> tuple[mx.array, list[Any]]:
+        x0 = self._embed(ids)
+        return x0, self.r.family.masks(self.r.model, x0, cache)
 
     def _embed(self, ids: list[int]) -> mx.array:
         x = self.r.family.embed(self.r.model, mx.array([ids]))

@@ -101,6 +101,7 @@ class Speculator:
             shared = fam.shared(block, att.xn)
             x = p.compute.output(att, tables[i][inds[i]], scores, shared,
                                  block.switch_mlp.activation)
+            mx.async_eval(x)  # the device runs this layer while the host builds the next
         logits = p._head(x, all_logits)
         order = list(inds)
         flat = mx.concatenate([inds[i].reshape(-1) for i in order]) if order else None
