@@ -55,13 +55,12 @@ overhead)  # issue 12 item 1: per-layer wall / mx.eval / host ms with every expe
   run timeout 170 python3 bench/host_overhead.py --tokens 32 --repeats 2 --no-baseline \
     --layer-by-layer --profile 30 hardware=h200 model.path=$S model.experts_per_token=4 \
     cache.budget_gb=20.8 | tee -a "$OUT/overhead.log" ;;
-batch)  # issue 11: N streams through the batched step; cached (overhead-bound) and cache=none
-  run timeout 200 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
-    model.experts_per_token=4 cache.budget_gb=20.8 task.concurrency=1,4,8 task.tokens=16 \
-    task.repeats=1 hydra.sweep.dir="$OUT/batch_cached" | tee "$OUT/batch.log"
-  run timeout 200 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S cache=none \
-    model.experts_per_token=10 task.concurrency=1,8 task.tokens=16 task.repeats=1 \
-    hydra.sweep.dir="$OUT/batch_none" | tee -a "$OUT/batch.log" ;;
+batch)  # issue 11: 1 vs 8 streams, every expert cached; joint gather vs per-sequence rows
+  # (tokens_match_solo says which is exact on the GPU)
+  run timeout 300 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
+    model.experts_per_token=4 cache.budget_gb=20.8 task.concurrency=1,8 \
+    task.batch_compute=joint,per_sequence task.tokens=16 task.repeats=1 \
+    hydra.sweep.dir="$OUT/batch" | tee "$OUT/batch.log" ;;
 nccl)  # issue 13 on nvidia-h200-x2: 1 rank at B and 2B vs 2 ranks at B each (NCCL, NVLS off)
   C="task=bench hardware=h200 model.path=$S model.experts_per_token=10 task.tokens=16 \
 task.repeats=1"
