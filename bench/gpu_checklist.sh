@@ -36,18 +36,19 @@ both)  # scale and tiny side by side (correctness only: nothing here is timed)
   CUDA_VISIBLE_DEVICES=${GPU_B:-0} bash "$0" tiny > "$OUT/tiny.out" 2>&1 &
   bash "$0" scale; wait; tail -15 "$OUT/tiny.out" ;;
 speed)  # issue 12, 60-layer equivalents from wall time per token: every expert cached (the
-  # whole-token step), the page cache with and without the staged CUDA copy, the two tiers
-  # at 13/60 of a real box's split, and cold reads vs the raw probe
-  run timeout 300 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
-    model.experts_per_token=4 cache=default,none cache.budget_gb=20.8 io.cuda_copy=false,true \
+  # whole-token step), the page cache through the staged CUDA copy (cache=none without it:
+  # the `scale` bench of 2026-12-01), the two tiers at 13/60 of a real box's split, and cold
+  # reads vs the raw probe
+  run timeout 240 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
+    model.experts_per_token=4 cache=default,none cache.budget_gb=20.8 io.cuda_copy=true \
     task.check=mlx_lm task.tokens=32 task.repeats=2 hydra.sweep.dir="$OUT/speed" \
     | tee "$OUT/speed.log"
   run timeout 150 python3 -m flashmoe task=bench hardware=h200 model.path=$S \
     model.experts_per_token=10 cache.budget_gb=26 cache.host_budget_gb=19.5 task.check=mlx_lm \
     task.tokens=32 task.repeats=2 hydra.run.dir="$OUT/tiers" | tee -a "$OUT/speed.log"
-  run timeout 120 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
+  run timeout 90 python3 -m flashmoe task=bench hardware=h200 model.path=$S \
     model.experts_per_token=4 cache=none task.cold=true io.cuda_copy=true task.tokens=16 \
-    task.repeats=1 hydra.sweep.dir="$OUT/cold" | tee -a "$OUT/speed.log" ;;
+    task.repeats=1 hydra.run.dir="$OUT/cold" | tee -a "$OUT/speed.log" ;;
 overhead)  # issue 12 item 1: per-layer wall / mx.eval / host ms with every expert cached, K=4,
   # against resident mlx-lm (BENCHMARKS.md (k)); then the per-layer path alone, with a profile
   run timeout 300 python3 bench/host_overhead.py --tokens 32 --repeats 3 hardware=h200 \
