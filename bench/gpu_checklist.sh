@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# What is left to run on the H200 (issues 16, 12, 11, 17), one device call per stage, each well
-# inside the 10-minute limit. Run through bench/h200.sh after its two install calls:
-#   bench/h200.sh all bash bench/gpu_checklist.sh exact     # issue 16: parity tests on the GPU
-#   bench/h200.sh all bash bench/gpu_checklist.sh build     # 13 shape-faithful layers (47.6 GB)
-#   bench/h200.sh all bash bench/gpu_checklist.sh scale     # issue 16: the issue's own runs
-#   bench/h200.sh all bash bench/gpu_checklist.sh speed     # issue 12: default vs io.cuda_copy, 2 tiers
-#   bench/h200.sh all bash bench/gpu_checklist.sh batch     # issue 11: task.concurrency sweep
+# What is left to run on the H200 (issues 16, 12, 11, 13), several stages per device call, each
+# call well inside the 10-minute limit. Run through bench/h200.sh after its fetch call:
+#   bench/h200.sh all bash bench/gpu_checklist.sh exact     # issue 16: shaped parity + CUDA copy
+#   bench/h200.sh all bash bench/gpu_checklist.sh build both  # 13 shaped layers (47.6 GB); the
+#                                        # issue's own runs and the five tiny families side by side
+#   bench/h200.sh all bash bench/gpu_checklist.sh speed     # issue 12 (timed: nothing else runs)
+#   bench/h200.sh all bash bench/gpu_checklist.sh overhead  # issue 12: host ms per layer
+#   bench/h200.sh all bash bench/gpu_checklist.sh batch     # issue 11: task.concurrency
+#   bench/h200.sh all bash bench/gpu_checklist.sh nccl      # issue 13, on nvidia-h200-x2
 # Serve needs starlette, uvicorn and sse-starlette among the carried wheels (.whl/).
 # Every stage writes its log under $OUT (the device tool brings it back).
 set -uo pipefail
@@ -14,30 +16,63 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 S=/root/s  # the 13-layer checkpoint (bench/h200.sh keeps /root between calls of one machine)
 run() { echo "+ $*"; "$@" 2>&1 | grep -v '^\[INFO\]'; }
 
-case "${1:-}" in
-exact)  # tiny fixtures of all families + 4 shaped layers, every cache policy; slot copies
-  run timeout 540 python3 -m pytest -p no:cacheprovider -rA tests/test_gpu_parity.py \
-    tests/test_cuda_copy.py tests/test_batch.py -x | tee "$OUT/exact.log" ;;
+for stage in "${@:-usage}"; do
+case "$stage" in
+exact)  # 4 shaped layers (K=4, 10), every cache policy; the staged CUDA copy path
+  run timeout 400 python3 -m pytest -p no:cacheprovider -rA --durations=5 \
+    tests/test_gpu_parity.py -k shaped tests/test_cuda_copy.py tests/test_cached_run.py \
+    tests/test_speculate.py | tee "$OUT/exact.log" ;;
+tiny)  # tiny fixtures of all five families, every cache policy; batched decode on the GPU
+  run timeout 560 python3 -m pytest -p no:cacheprovider -rA --durations=5 \
+    tests/test_gpu_parity.py -k tiny tests/test_batch.py | tee "$OUT/tiny.log" ;;
 build)
-  run timeout 540 python3 -c "from flashmoe.synth.shaped import build_shaped; \
+  [ -f $S/config.json ] || run timeout 300 python3 -c "from flashmoe.synth.shaped import build_shaped; \
 build_shaped('$S', layers=13, progress=False)" | tee "$OUT/build.log" ;;
-scale)  # the issue's table: K=4/10 x (LRU 20.8 GiB, none); the bench refuses a speed if the
-  # timed tokens are not resident mlx-lm's (task.check=mlx_lm writes tokens_match)
-  run timeout 560 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
-    model.experts_per_token=4,10 cache=default,none cache.budget_gb=20.8 task.check=mlx_lm \
-    task.tokens=32 task.repeats=1 hydra.sweep.dir="$OUT/scale" | tee "$OUT/scale.log" ;;
-speed)  # 60-layer equivalents from wall time per token (issue 12): today's path, the staged
-  # CUDA copy, and the two tiers at 13/60 of a real box's split
-  run timeout 560 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
-    model.experts_per_token=4 io.cuda_copy=false,true cache=default cache.budget_gb=20.8 \
+scale)  # the issue's own setting: 13 shaped layers, K=4/10 x (LRU 20.8 GiB, none): every
+  # prompt logit, 32 greedy tokens and a warm second pass against resident mlx-lm
+  FLASHMOE_GPU_SHAPED=$S run timeout 540 python3 -m pytest -p no:cacheprovider -rA \
+    --durations=5 tests/test_gpu_parity.py -k at_scale | tee "$OUT/scale.log" ;;
+both)  # scale and tiny side by side (correctness only: nothing here is timed)
+  CUDA_VISIBLE_DEVICES=${GPU_B:-0} bash "$0" tiny > "$OUT/tiny.out" 2>&1 &
+  bash "$0" scale; wait; tail -15 "$OUT/tiny.out" ;;
+speed)  # issue 12, 60-layer equivalents from wall time per token: every expert cached (the
+  # whole-token step), the page cache through the staged CUDA copy (cache=none without it:
+  # the `scale` bench of 2026-12-01), the two tiers at 13/60 of a real box's split, and cold
+  # reads vs the raw probe
+  run timeout 240 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
+    model.experts_per_token=4 cache=default,none cache.budget_gb=20.8 io.cuda_copy=true \
     task.check=mlx_lm task.tokens=32 task.repeats=2 hydra.sweep.dir="$OUT/speed" \
     | tee "$OUT/speed.log"
-  run timeout 300 python3 -m flashmoe task=bench hardware=h200 model.path=$S \
+  run timeout 150 python3 -m flashmoe task=bench hardware=h200 model.path=$S \
     model.experts_per_token=10 cache.budget_gb=26 cache.host_budget_gb=19.5 task.check=mlx_lm \
-    task.tokens=32 task.repeats=2 hydra.run.dir="$OUT/tiers" | tee -a "$OUT/speed.log" ;;
-batch)
-  run timeout 560 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S cache=none \
-    model.experts_per_token=10 task.concurrency=1,2,4,8,16 task.tokens=16 task.repeats=1 \
+    task.tokens=32 task.repeats=2 hydra.run.dir="$OUT/tiers" | tee -a "$OUT/speed.log"
+  run timeout 90 python3 -m flashmoe task=bench hardware=h200 model.path=$S \
+    model.experts_per_token=4 cache=none task.cold=true io.cuda_copy=true task.tokens=16 \
+    task.repeats=1 hydra.run.dir="$OUT/cold" | tee -a "$OUT/speed.log" ;;
+overhead)  # issue 12 item 1: per-layer wall / mx.eval / host ms with every expert cached, K=4,
+  # against resident mlx-lm (BENCHMARKS.md (k)); then the per-layer path alone, with a profile
+  run timeout 300 python3 bench/host_overhead.py --tokens 32 --repeats 3 hardware=h200 \
+    model.path=$S model.experts_per_token=4 cache.budget_gb=20.8 | tee "$OUT/overhead.log"
+  run timeout 170 python3 bench/host_overhead.py --tokens 32 --repeats 2 --no-baseline \
+    --layer-by-layer --profile 30 hardware=h200 model.path=$S model.experts_per_token=4 \
+    cache.budget_gb=20.8 | tee -a "$OUT/overhead.log" ;;
+batch)  # issue 11: 1 vs 8 streams, every expert cached; joint gather vs per-sequence rows
+  # (tokens_match_solo says which is exact on the GPU)
+  run timeout 300 python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
+    model.experts_per_token=4 cache.budget_gb=20.8 task.concurrency=1,8 \
+    task.batch_compute=joint,per_sequence task.tokens=16 task.repeats=1 \
     hydra.sweep.dir="$OUT/batch" | tee "$OUT/batch.log" ;;
-*) echo "usage: $0 exact|build|scale|speed|batch" >&2; exit 2 ;;
+nccl)  # issue 13 on nvidia-h200-x2: 1 rank at B and 2B vs 2 ranks at B each (NCCL, NVLS off)
+  C="task=bench hardware=h200 model.path=$S model.experts_per_token=10 task.tokens=16 \
+task.repeats=1"
+  run timeout 120 python3 -m flashmoe $C cache.budget_gb=5 hydra.run.dir="$OUT/r1_B" \
+    | tee "$OUT/nccl.log"
+  run timeout 120 python3 -m flashmoe $C cache.budget_gb=10 hydra.run.dir="$OUT/r1_2B" \
+    | tee -a "$OUT/nccl.log"
+  NCCL_NVLS_ENABLE=0 run timeout 240 python3 -c "import sys; from mlx._distributed_utils.launch \
+import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())" -n 2 --backend nccl -- \
+    python3 -m flashmoe $C cache.budget_gb=5 dist.backend=nccl hydra.run.dir="$OUT/r2_B" \
+    | tee -a "$OUT/nccl.log" ;;
+*) echo "usage: $0 exact|tiny|build|scale|both|speed|overhead|batch|nccl ..." >&2; exit 2 ;;
 esac
+done

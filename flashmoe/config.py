@@ -104,6 +104,7 @@ class BenchTask(TaskConfig):
     prompt: str = BENCH_PROMPT
     concurrency: Optional[int] = None  # N: N sequences through the batched step (bench_batch)
     verify_solo: bool = True  # concurrency: also run each prompt alone and compare tokens
+    batch_compute: str = "auto"  # auto | joint | per_sequence (README "Serve": exact per backend)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class ServeTask(TaskConfig):
     prefill_chunk: int = 2048  # prompt tokens per scheduler step; 2048 = mlx-lm's split (exact)
     max_body_kb: int = 1024
     drain_s: float = 30.0  # Ctrl-C/SIGTERM: in-flight requests get this long to finish
+    batch_compute: str = "auto"  # auto | joint | per_sequence (README "Serve": exact per backend)
 
 
 @dataclass

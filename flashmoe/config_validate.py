@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flashmoe.conf_dir import available_options
 from flashmoe.config import BASELINES, K_REFERENCES
-from flashmoe.constants import (BITS, CACHE_POLICIES, DEVICES, DTYPES, GROUP_SIZES, IO_RETRIES,
+from flashmoe.constants import (BATCH_COMPUTE, BITS, CACHE_POLICIES, DEVICES, DTYPES, GROUP_SIZES, IO_RETRIES,
                                 IO_SPLIT, IO_THREADS, LAYOUTS)
 from flashmoe.errors import ConfigError
 
@@ -73,6 +73,7 @@ def _validate_task(cfg: DictConfig) -> None:
         _one_of(cfg, "task.check", BASELINES)
         if task.concurrency is not None:
             _between(cfg, "task.concurrency", 1, 256)
+        _one_of(cfg, "task.batch_compute", BATCH_COMPUTE)
     elif task.name == "serve":
         _validate_serve(cfg)
     elif task.name == "ppl":
@@ -96,6 +97,7 @@ def _validate_task(cfg: DictConfig) -> None:
 
 
 def _validate_serve(cfg: DictConfig) -> None:
+    _one_of(cfg, "task.batch_compute", BATCH_COMPUTE)
     _between(cfg, "task.port", 0, 65535)
     _between(cfg, "task.max_batch", 1, 256)
     _at_least(cfg, "task.max_queue", 0)

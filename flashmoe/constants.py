@@ -6,6 +6,7 @@ DEVICES = ("cpu", "gpu")
 DTYPES = ("float32", "bfloat16", "float16")  # activation dtypes
 CACHE_POLICIES = ("none", "lru", "lfu")
 LAYOUTS = ("auto", "original", "packed")
+BATCH_COMPUTE = ("auto", "joint", "per_sequence")  # task.batch_compute (serve/runner.py)
 BITS = (2, 3, 4, 8)  # quantization bit widths mlx supports for experts
 GROUP_SIZES = (32, 64, 128)
 # inclusive limits of the I/O options: (low, high)

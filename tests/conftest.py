@@ -57,8 +57,13 @@ def reference():
 
 
 def with_k(src: Path, dst: Path, k: int) -> Path:
-    """A copy of a checkpoint whose config asks mlx-lm for k experts per token."""
-    shutil.copytree(src, dst)
+    """A view of a checkpoint whose config asks mlx-lm for k experts per token: its own
+    config.json, every other file a symlink (a 47 GB checkpoint is not copied)."""
+    dst.mkdir(parents=True)
+    for f in Path(src).iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f.resolve(), target_is_directory=f.is_dir())
+    shutil.copyfile(Path(src) / "config.json", dst / "config.json")
     cfg = json.loads((dst / "config.json").read_text())
     (cfg.get("text_config", cfg))["num_experts_per_tok"] = k
     (dst / "config.json").write_text(json.dumps(cfg))

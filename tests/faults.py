@@ -7,6 +7,9 @@ Kinds: wrong_expert (one routed (token, k) pair computed with another slot's exp
 early_release (a layer's slots released before the evaluation that reads them),
 stale_slot (a miss served from the slot's old bytes), split_offset (one piece of a split read
 written at a wrong offset), byte_flip (one byte of one fetched expert inverted),
+wrong_table (the whole-token step, stages/speculate.py: one layer's expert -> slot table
+rotated, so every expert that layer routes to is computed with another cached expert's slot;
+it fires only when that layer is then served by the whole-token trip),
 prefetch_unawaited (the next layer reads slots whose prefetch reads are still in flight),
 eval_unawaited (MlxWorker.run starts an evaluation and returns before it completes, so slots
 are released while it still reads them: the CPU analogue of a device still reading a slot).
@@ -33,9 +36,12 @@ from flashmoe.stages.expert_compute import ExpertComputeStage
 from flashmoe.stages.expert_fetch import ExpertFetchStage
 from flashmoe.stages.pipeline import Pipeline
 from flashmoe.stages.prefetch import Prefetcher
+from flashmoe.stages.speculate import Speculator
 from tests.hostile import slot_bytes
 
-KINDS = ("wrong_expert", "early_release", "stale_slot", "split_offset", "byte_flip")
+KINDS = ("wrong_expert", "early_release", "stale_slot", "split_offset", "byte_flip",
+         "wrong_table")
+DECODE_ONLY = {"wrong_table"}  # kinds that can only fire in a decode step (never a prefill)
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,36 @@ def _fetch_then_flip(inj: Injector, orig):
     return fetch
 
 
+# ---- wrong_table -------------------------------------------------------------------------------
+def _speculate(inj: Injector, orig):
+    async def call(self, step, *args, **kwargs):
+        layer = inj.fault.layer
+        if layer in self.moe and inj.applies(layer):
+            inj.armed = layer
+        try:
+            got = await orig(self, step, *args, **kwargs)
+        finally:
+            armed, inj.armed = inj.armed, None
+        if armed is not None and (got.logits is not None or got.layer > armed):
+            inj.fired += 1  # the rotated table's layer was served, not rolled back
+        return got
+    return call
+
+
+def _table(inj: Injector, orig):
+    def table(self, layer, where):
+        out = orig(self, layer, where)
+        if inj.armed != layer:
+            return out
+        held = np.flatnonzero(where >= 0)
+        if len(held) < 2:
+            return out
+        rotated = where.copy()
+        rotated[held] = np.roll(where[held], 1)
+        return mx.array(np.maximum(rotated, 0).astype(np.uint32))
+    return table
+
+
 # ---- prefetch_unawaited (a concurrency self-check, not in KINDS) --------------------------------
 def _settle_without_waiting(inj: Injector, orig):
     async def settle(self, layer, actual, stats):
@@ -230,6 +266,7 @@ PATCHES: dict[str, list] = {
     "stale_slot": [(SlotPool, "grant", _grant_stale)],
     "split_offset": [(io_pool, "split_job", _split)],
     "byte_flip": [(ExpertFetchStage, "__call__", _fetch_then_flip)],
+    "wrong_table": [(Speculator, "__call__", _speculate), (Speculator, "_table", _table)],
     "prefetch_unawaited": [(Prefetcher, "settle", _settle_without_waiting)],
     "eval_unawaited": [(MlxWorker, "_eval", _eval_async)],
 }

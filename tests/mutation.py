@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tests.faults import KINDS, Fault, inject
+from tests.faults import DECODE_ONLY, KINDS, Fault, inject
 from tests.hostile import SlowReader, poison_on_release
 from tests.parity import Trace, budget_for, first_difference, flashmoe_trace
 
@@ -37,6 +37,8 @@ CHECKS: list[tuple[str, dict, int | None, Callable | None]] = [
     ("none+poison", {"cache_policy": "none", "io_split": 2}, None, poison_on_release),
     ("lru-K", {"io_split": 3}, 1, None),
     ("prefetch+slow", {"prefetch": True, "io_split": 2}, 2, poison_on_release),
+    # every expert fits: decode steps run as whole-token trips (stages/speculate.py)
+    ("lru-all", {"cache_budget_gb": 1.0}, None, None),
 ]
 
 
@@ -68,7 +70,8 @@ def sample(n: int, seed: int, layers: dict[str, int],
     """Stratified: kinds × families round robin; (layer, forward) uniform over the live cells
     (or over the dead zone only)."""
     rng = random.Random(seed)
-    cells = [(kind, fam) for kind in KINDS for fam in layers]
+    cells = [(kind, fam) for kind in KINDS for fam in layers  # the dead zone is a prefill
+             if not (dead_zone and kind in DECODE_ONLY)]
     out = []
     for i in range(n):
         kind, fam = cells[i % len(cells)]

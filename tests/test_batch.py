@@ -32,9 +32,9 @@ class _NoText:
 
 
 async def run_batched(engine: Engine, prompts: list[list[int]], joins: list[int], steps: int,
-                      chunk: int = 512) -> list[list[int]]:
+                      chunk: int = 512, compute: str = "auto") -> list[list[int]]:
     """Sequence i joins at decode step joins[i] (an exact prefill, then the batch)."""
-    runner = BatchRunner(engine, prefill_chunk=chunk)
+    runner = BatchRunner(engine, prefill_chunk=chunk, compute=compute)
     seqs = [Sequence(f"r{i}", p, steps, SeqSampler(), _NoText()) for i, p in enumerate(prompts)]
     active: list[Sequence] = []
     t = 0
@@ -113,5 +113,32 @@ async def test_proxied_family_steps_one_at_a_time_exactly(tiny):
     try:
         assert not BatchRunner(engine).batched
         assert await run_batched(engine, ps, [0, 1, 3], STEPS) == solo
+    finally:
+        await engine.aclose()
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "mixtral"])
+async def test_per_sequence_compute_equals_solo(tiny, family):
+    """task.batch_compute=per_sequence (the GPU default): each row its own one-row forward;
+    the batch's experts are read once per step and served to later rows from the cache."""
+    path = tiny(family)
+    ps = prompts(3)
+    solo = [(await flashmoe_greedy(path, p, STEPS, io_split=2))[0] for p in ps]
+    engine = await Engine.open(path, EngineOptions(io_split=2, device=DEVICE), tokenizer=False)
+    try:
+        runner = BatchRunner(engine, compute="per_sequence")
+        assert not runner.batched
+        assert await run_batched(engine, ps, [0, 1, 2], STEPS, compute="per_sequence") == solo
+    finally:
+        await engine.aclose()
+
+
+async def test_auto_compute_is_joint_only_where_rows_are_exact(tiny):
+    engine = await Engine.open(tiny("qwen3_moe"), EngineOptions(device=DEVICE), tokenizer=False)
+    try:
+        gpu = engine.pipeline.compute.same_shapes
+        assert BatchRunner(engine).batched == (not gpu)
+        assert BatchRunner(engine, compute="joint").batched
+        assert not BatchRunner(engine, compute="per_sequence").batched
     finally:
         await engine.aclose()

@@ -76,6 +76,9 @@ def test_check_refuses_a_speed_for_other_tokens():
         check_tokens([[5, 6, 7, 8], [5, 6, 9, 8]], ok)
     with pytest.raises(BenchCheckError, match="token 3"):
         check_tokens([[5, 6, 7]], ok)
+    assert check_tokens([[5, 6, 7, 8]], ok, warm=[5, 6])["tokens_match"] is True
+    with pytest.raises(BenchCheckError, match="warm-up pass's token 1 is 4"):
+        check_tokens([[5, 6, 7, 8]], ok, warm=[5, 4, 7, 8])  # the timed pass alone is right
     skipped = check_tokens([[1]], {"status": "oom", "limit": "8G"})
     assert skipped["tokens_match"] is None and skipped["check_status"] == "oom"
 

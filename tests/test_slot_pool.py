@@ -116,3 +116,21 @@ def test_stale_heap_entries_stay_bounded() -> None:
     for _ in range(5000):
         pool.release(pool.grant(0, [1, 2, 3]))
     assert len(pool._order._rare) <= 2 * 8 + 64
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "none"])
+def test_where_maps_follow_every_grant_eviction_and_clear(policy):
+    """The speculative step trusts `where` as the cache's answer: after any sequence of grants,
+    releases (some invalid: a failed read), evictions and clears it equals `cached`."""
+    rng = random.Random(7)
+    pool = SlotPool(tiny_spec(), 12, policy)
+    maps = {layer: pool.where(layer, 64) for layer in (0, 1)}
+    for n in range(400):
+        layer = rng.randrange(2)
+        grant = pool.grant(layer, rng.sample(range(64), rng.randint(1, 6)))
+        pool.release(grant, valid=rng.random() > 0.1)
+        if n % 97 == 0:
+            pool.clear()
+        for lay, where in maps.items():
+            want = [pool._table.get((lay, e), -1) for e in range(64)]
+            assert where.tolist() == want, f"step {n}: layer {lay}'s map is stale"

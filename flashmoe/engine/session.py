@@ -67,6 +67,7 @@ class Session:
         self.observer, self.read_experts = observer, read_experts
         self.totals = totals if totals is not None else Totals()
         self.cache: list[Any] = model.new_cache()
+        self.warm = True  # the last step read no expert: try the whole next token at once
 
     def reset(self) -> None:
         """Forget the context (a fresh KV cache); totals keep running."""
@@ -76,9 +77,12 @@ class Session:
                    stats: StepStats | None = None) -> tuple[int, StepStats]:
         """Run `ids` after the context and sample the next token."""
         stats = stats or StepStats()
+        state = self._state(self.cache, stats)
+        state.speculate = self.warm
         async with self.model.step_lock:
-            logits = await self.model.pipeline.forward(list(ids), self._state(self.cache, stats))
+            logits = await self.model.pipeline.forward(list(ids), state)
             tok = await self.model.pipeline.sample(logits, self.sampler, stats)
+        self.warm = stats.experts_fetched == 0 and not stats.extra.get("experts_host_hit")
         return tok, stats
 
     async def prefill(self, ids: Sequence[int], stats: StepStats | None = None) -> None:

@@ -94,6 +94,8 @@ class SlotPool:
         self._free = n  # slots with no pins
         self._order = Eviction(n, policy)
         self._uses: dict[tuple[int, int], int] = {}
+        self._where: dict[int, np.ndarray] = {}  # layer -> expert -> slot, -1: not on device
+        self.changes: dict[int, int] = {}  # layer -> how many times its `where` map changed
         self.hits = self.misses = 0
 
     @property
@@ -118,6 +120,20 @@ class SlotPool:
 
     def cached(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._table
+
+    def where(self, layer: int, num_experts: int) -> np.ndarray:
+        """The layer's expert -> slot map (int32, -1 where the expert is not in a slot), kept
+        up to date in O(1) per change from its first call on; callers must not write it.
+
+        A slot enters the map when granted, before its read completes: it is only a cache
+        answer between steps, when no read is in flight (the model's step lock)."""
+        if layer not in self._where:
+            arr = np.full(num_experts, -1, dtype=np.int32)
+            for (lay, e), s in self._table.items():
+                if lay == layer:
+                    arr[e] = s
+            self._where[layer] = arr
+        return self._where[layer]
 
     def grant(self, layer: int, experts: list[int]) -> SlotGrant:
         """Pin a slot for each expert (reusing cached ones); len(experts) <= free slots."""
@@ -174,9 +190,15 @@ class SlotPool:
         self._forget(s)
         self._owner[s] = key
         self._table[key] = s
+        if key[0] in self._where:
+            self._where[key[0]][key[1]] = s
+            self.changes[key[0]] = self.changes.get(key[0], 0) + 1
 
     def _forget(self, s: int) -> None:
         old = self._owner[s]
         if old is not None:
             self._table.pop(old, None)
             self._owner[s] = None
+            if old[0] in self._where:
+                self._where[old[0]][old[1]] = -1
+                self.changes[old[0]] = self.changes.get(old[0], 0) + 1

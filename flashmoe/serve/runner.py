@@ -3,7 +3,16 @@ per-sequence sampling. The scheduler calls it one step at a time and never touch
 
 A sequence runs as a Session does alone: its prompt but the last token is prefilled (no lm
 head) in steps of at most `prefill_chunk` tokens, then the last prompt token is its first
-decode row, sampled for the first generated token."""
+decode row, sampled for the first generated token.
+
+How a decode step computes its B rows (`task.batch_compute`): `joint` stacks them through one
+router call, one gather over every row and one head (MLX's CPU kernels give a row the same
+bits whatever the row count: exact there, tests/test_batch.py); `per_sequence` runs each
+sequence's own one-row forward, as it would alone, one after another, its experts read once
+per step and then served to the later sequences from the slot cache. GPU kernels are chosen by
+the call's row count (gather_qmm takes its qmm path from 8 (row, expert) pairs), so on GPU
+backends only `per_sequence` is bit-exact against the solo run; `auto` (the default) picks
+`joint` on the CPU and `per_sequence` on a GPU."""
 from __future__ import annotations
 
 import time
@@ -32,11 +41,15 @@ class StepReport:
 
 
 class BatchRunner:
-    def __init__(self, model: Model, prefill_chunk: int = PREFILL_STEP) -> None:
+    def __init__(self, model: Model, prefill_chunk: int = PREFILL_STEP,
+                 compute: str = "auto") -> None:
         self.model, self.prefill_chunk = model, prefill_chunk
         self.step = BatchStep(model.pipeline)
+        gpu = model.pipeline.compute.same_shapes  # kernels chosen by the call's shape
         # mlx-lm-forward families (proxied experts) step one sequence at a time
-        self.batched = model.resident.family.batchable and model.pipeline.proxied is None
+        self.batched = (model.resident.family.batchable and model.pipeline.proxied is None
+                        and (compute == "joint" or (compute == "auto" and not gpu)))
+        self.warm = True  # the last batched step read no expert: try the next one whole
 
     async def prefill(self, seq: Sequence) -> tuple[bool, StepReport]:
         """Feed the next chunk of seq's prompt (all but its last token); True once it is ready
@@ -61,13 +74,16 @@ class BatchRunner:
         async with self.model.step_lock:
             if self.batched:
                 logits = await self.step.forward([s.last for s in seqs], [s.cache for s in seqs],
-                                                 stats)
+                                                 stats, self.warm)
                 toks = await self.sample(seqs, logits, stats)
+                self.warm = stats.experts_fetched == 0 and not stats.extra.get("experts_host_hit")
             else:
                 toks = []
                 for s in seqs:
-                    logits = await self.model.pipeline.forward([s.last], StepState(s.cache, stats))
+                    state = StepState(s.cache, stats, speculate=self.warm)
+                    logits = await self.model.pipeline.forward([s.last], state)
                     toks += await self.sample([s], logits, stats)
+                self.warm = stats.experts_fetched == 0 and not stats.extra.get("experts_host_hit")
         for s in seqs:
             s.steps += 1
         return toks, StepReport("decode", len(seqs), len(seqs), time.perf_counter() - t0, stats)

@@ -27,20 +27,29 @@ class BatchStep:
         self.p = pipeline
 
     async def forward(self, tokens: Sequence[int], caches: Sequence[list[Any]],
-                      stats: StepStats) -> mx.array:
+                      stats: StepStats, speculate: bool = False) -> mx.array:
         """Logits [B, 1, V] for token b appended to cache b (each cache advances by one).
 
         The caller holds the model's step lock. One StepState carries the batch's stats and
-        slot grants; the caches stay per sequence (the state's own cache is unused)."""
+        slot grants; the caches stay per sequence (the state's own cache is unused).
+        speculate: try the whole batch's token at once (stages/speculate.py)."""
         p, fam, model = self.p, self.p.r.family, self.p.r.model
-        step = StepState([], stats)
+        step = StepState([], stats, speculate=speculate)
         x0 = await p.embed(list(tokens))  # [1, B, D]
         x0 = await p.worker.build(lambda: x0.reshape(len(tokens), 1, -1))  # [B, 1, D]
         masks = await p.worker.build(
             lambda: [fam.masks(model, x0[b:b + 1], c) for b, c in enumerate(caches)])
+        attend = lambda i, layer, x_fn: partial(  # noqa: E731 - layer i's attention builder
+            self._attend, i, layer, x_fn, [m[i] for m in masks], [c[i] for c in caches])
+        start = 0
+        if p.speculates(step, 1, [c for cache in caches for c in cache]):
+            by_layer = [[cache[i] for cache in caches] for i in range(len(p.layers))]
+            got = await p.speculator(step, x0, attend, by_layer)
+            if got.logits is not None:
+                return got.logits
+            start, x0 = got.layer, got.x
         try:
-            x_fn = await p.through_layers(step, x0, lambda i, layer, x_fn: partial(
-                self._attend, i, layer, x_fn, [m[i] for m in masks], [c[i] for c in caches]))
+            x_fn = await p.through_layers(step, x0, attend, start)
             return await p.head_logits(step, x_fn)
         finally:
             p.release(step)

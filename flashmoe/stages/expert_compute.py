@@ -32,9 +32,15 @@ class ExpertComputeStage:
         return lambda: self._whole(att, routed, slots, activation)
 
     def _whole(self, att: Attended, routed: Routed, slots: np.ndarray, activation: Callable):
+        return self.output(att, mx.array(slots), routed.scores, routed.shared, activation)
+
+    def output(self, att: Attended, slots: mx.array, scores: mx.array, shared: mx.array | None,
+               activation: Callable) -> mx.array:
+        """The layer's output from one gather over its slot stack (slots: uint32 [..., k]);
+        the per-layer path and the Speculator both build exactly this."""
         w = self.pools[att.layer].store.weights()
-        y = gather_experts(att.xn, mx.array(slots), w, self.quant[att.layer], activation)
-        return att.h + self.family.combine(y, routed.scores, routed.shared)
+        y = gather_experts(att.xn, slots, w, self.quant[att.layer], activation)
+        return att.h + self.family.combine(y, scores, shared)
 
     async def partial(self, att: Attended, routed: Routed, fetched: Fetched, y: mx.array | None,
                       activation: Callable, stats: StepStats) -> mx.array:

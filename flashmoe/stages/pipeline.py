@@ -24,6 +24,7 @@ from flashmoe.runtime.io_pool import IOPool
 from flashmoe.runtime.mlx_worker import MlxWorker
 from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
 from flashmoe.stages.attention import AttentionStage
+from flashmoe.stages.cached_run import CachedRun
 from flashmoe.stages.expert_compute import ExpertComputeStage
 from flashmoe.stages.expert_fetch import ExpertFetchStage
 from flashmoe.stages.expert_parallel import ExpertParallelStage
@@ -32,6 +33,7 @@ from flashmoe.stages.prefetch import Prefetcher, guess_next
 from flashmoe.stages.proxy_step import ProxyStep
 from flashmoe.stages.router import RouterStage
 from flashmoe.stages.sampling import Sampler, SamplingStage
+from flashmoe.stages.speculate import Speculator
 
 
 @dataclass(slots=True)
@@ -44,6 +46,7 @@ class StepState:
     read_experts: bool = True  # False: bench's compute-alone run (slots keep stale bytes)
     pending: list[tuple[SlotPool, SlotGrant]] = field(default_factory=list)  # not yet evaluated
     prefetch: Prefetcher | None = None
+    speculate: bool = False  # a decode step may try the whole token at once (speculate.py)
 
 
 class Pipeline:
@@ -63,12 +66,16 @@ class Pipeline:
         self.fetch = ExpertFetchStage(store, pools, io, verify)
         self.compute = ExpertComputeStage(worker, fam, pools, quant, resident.proxies)
         self.sampling = SamplingStage(worker)
+        self.cached = CachedRun(self)
         self.prefetch, self.k = prefetch and parallel is None, k
         # an MlxLmFamily runs mlx-lm's own forward with proxied experts (no prefetch there)
         self.proxied = ProxyStep(self) if resident.proxies else None
         # several ranks: each fetches and computes its share, one all_sum per MoE layer
         self.parallel = parallel and ExpertParallelStage(parallel, worker, self.fetch,
                                                          self.compute, resident.num_experts)
+        # one trip per token while every routed expert is in a slot (adapter families, 1 rank)
+        self.speculator = Speculator(self) if not resident.proxies and parallel is None \
+            else None
 
     async def forward(self, ids: list[int], step: StepState,
                       all_logits: bool = False, head: bool = True) -> mx.array | None:
@@ -78,14 +85,19 @@ class Pipeline:
         prefill evaluates only the cache states; the last layer's experts are not needed."""
         if self.proxied is not None:
             return await self.proxied.forward(ids, step, all_logits, head)
-        fam, model = self.r.family, self.r.model
-        x0 = await self.worker.build(self._embed, ids)
-        masks = await self.worker.build(fam.masks, model, x0, step.cache)
+        x0, masks = await self.worker.build(self._inputs, ids, step.cache)
+        attend = lambda i, layer, x_fn: partial(  # noqa: E731 - layer i's attention builder
+            self.attention.build, i, layer, x_fn, masks[i], step.cache[i])
+        start = 0
+        if self.speculates(step, len(ids), step.cache):
+            got = await self.speculator(step, x0, attend, [[c] for c in step.cache], all_logits)
+            if got.logits is not None:
+                return got.logits
+            start, x0 = got.layer, got.x
         if self.prefetch and len(ids) == 1:
             step.prefetch = Prefetcher(partial(self._fetch, step), self.fetch.pools)
         try:
-            x_fn = await self.through_layers(step, x0, lambda i, layer, x_fn: partial(
-                self.attention.build, i, layer, x_fn, masks[i], step.cache[i]))
+            x_fn = await self.through_layers(step, x0, attend, start)
             if not head:
                 t0 = time.perf_counter()
                 await self.worker.run(lambda: [c.state for c in step.cache])
@@ -99,11 +111,17 @@ class Pipeline:
 
     async def through_layers(self, step: StepState, x0: mx.array,
                              attend: Callable[[int, nn.Module, Callable[[], mx.array]],
-                                              Callable[[], Attended]]) -> Callable[[], mx.array]:
-        """Every layer after x0; attend(i, layer, x_fn) builds layer i's attention (a partial
-        whose first argument is i). Returns the last layer's output, not yet evaluated."""
+                                              Callable[[], Attended]],
+                             start: int = 0) -> Callable[[], mx.array]:
+        """Layers start.. after x0 (layer start's input); attend(i, layer, x_fn) builds layer
+        i's attention (a partial whose first argument is i). Returns the last layer's output,
+        not yet evaluated."""
         x_fn: Callable[[], mx.array] = lambda: x0  # noqa: E731 - a chain of graph builders
+        if step.prefetch is None and self.parallel is None:
+            return await self._through_cached(step, x_fn, attend, start)
         for i, layer in enumerate(self.layers):
+            if i < start:
+                continue
             att_fn = attend(i, layer, x_fn)
             block = self.r.family.moe_block(layer)
             if block is None:
@@ -113,6 +131,19 @@ class Pipeline:
             x_fn = await self.experts(step, att, routed, block)
         return x_fn
 
+    async def _through_cached(self, step: StepState, x_fn: Callable[[], mx.array],
+                              attend: Callable, start: int) -> Callable[[], mx.array]:
+        """Cached layers run in one MLX-thread job (CachedRun); a layer with a miss comes
+        back here for the fetch and compute stages, then the job resumes after it."""
+        i = start
+        while True:
+            i, x_fn, miss = await self.worker.build(self.cached, step, i, x_fn, attend)
+            if miss is None:
+                return x_fn
+            att, routed, block = miss
+            x_fn = await self.experts(step, att, routed, block)
+            i += 1
+
     async def head_logits(self, step: StepState, x_fn: Callable[[], mx.array],
                           all_logits: bool = False) -> mx.array:
         """The last trip: the last layer's experts, final norm and lm head."""
@@ -120,6 +151,11 @@ class Pipeline:
         logits = await self.worker.run(lambda: self._head(x_fn(), all_logits))
         step.stats.device_trip_ms += (time.perf_counter() - t0) * 1e3
         return logits
+
+    def speculates(self, step: StepState, tokens: int, caches: list[Any]) -> bool:
+        """Whether a decode step tries the whole token at once (stages/speculate.py)."""
+        return (self.speculator is not None and step.speculate and tokens == 1
+                and step.read_experts and not self.prefetch and self.speculator.usable(caches))
 
     def release(self, step: StepState) -> None:
         """Unpin the step's slot grants (after the evaluation that read them, or on an error)."""
@@ -190,6 +226,10 @@ class Pipeline:
     def _dense(self, layer: nn.Module, att_fn: Callable[[], Attended]) -> mx.array:
         att = att_fn()
         return att.h + self.r.family.dense_mlp(layer, att.xn)
+
+    def _inputs(self, ids: list[int], cache: list[Any]) -> tuple[mx.array, list[Any]]:
+        x0 = self._embed(ids)
+        return x0, self.r.family.masks(self.r.model, x0, cache)
 
     def _embed(self, ids: list[int]) -> mx.array:
         x = self.r.family.embed(self.r.model, mx.array([ids]))

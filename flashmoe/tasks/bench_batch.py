@@ -34,7 +34,7 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     engine = state["engine"] = await open_engine(cfg)
     warn_device(engine, log)
     ids = [engine.encode(p) for p in prompts(t.prompt, t.concurrency)]
-    runner = BatchRunner(engine)
+    runner = BatchRunner(engine, compute=t.batch_compute)
     if t.warmup:
         await _batch(runner, ids, t.warmup)
     reps = []

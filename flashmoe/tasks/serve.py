@@ -47,7 +47,7 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
     t = cfg.task
     engine = state["engine"] = await open_engine(cfg)
     warn_device(engine, log)
-    runner = BatchRunner(engine, t.prefill_chunk)
+    runner = BatchRunner(engine, t.prefill_chunk, t.batch_compute)
     scheduler: Scheduler
     metrics = Metrics(lambda: gauges(engine, scheduler))
     scheduler = Scheduler(runner, t.max_batch, t.max_queue, on_step=metrics.on_step, log=log)

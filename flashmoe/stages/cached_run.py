@@ -1,0 +1,87 @@
+"""CachedRun: consecutive layers whose routed experts are all in the slots, in one MLX job.
+
+The asyncio stages cost one event-loop <-> MLX-thread round trip per layer (the router's
+trip) plus the fetch stage's planning, even when nothing is read. With every expert of a layer
+cached there is nothing to wait for: this runs attention -> router -> grant -> expert compute
+layer after layer inside the MLX thread, and hands the first layer with a miss back to the
+stages (fetch, then compute), which resume it here at the next layer.
+
+The MLX ops are the stages' own (RouterStage, ExpertComputeStage.whole) in the same order, on
+the same shapes: a layer's output is the same bits whichever path ran it.
+"""
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import TYPE_CHECKING, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from flashmoe.stages.messages import Attended, Fetched, Routed, StepStats
+
+if TYPE_CHECKING:
+    from flashmoe.stages.pipeline import Pipeline, StepState
+
+XFn = Callable[[], mx.array]
+Attend = Callable[[int, nn.Module, XFn], Callable[[], Attended]]
+Miss = tuple[Attended, Routed, nn.Module]  # a layer the stages must fetch for
+
+
+class CachedRun:
+    """Runs layers from `start` while each one's union of experts is cached and fits."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.p = pipeline
+        self.blocks = [pipeline.r.family.moe_block(layer) for layer in pipeline.layers]
+
+    def __call__(self, step: StepState, start: int, x_fn: XFn,
+                 attend: Attend) -> tuple[int, XFn, Miss | None]:
+        """In the MLX thread: (index reached, its input's builder, None) after the last
+        layer, or (index, the previous output's builder, the layer's routing) at a miss."""
+        p, stats = self.p, step.stats
+        for i in range(start, len(p.layers)):
+            layer, block = p.layers[i], self.blocks[i]
+            att_fn = attend(i, layer, x_fn)
+            if block is None:
+                x_fn = partial(p._dense, layer, att_fn)
+                continue
+            att, routed = self._route(att_fn, block, stats)
+            p._release_pending(step)  # the routing evaluation consumed the previous slots
+            pool = p.fetch.pools[i]
+            if len(routed.experts) > pool.free_slots() or not all(
+                    pool.cached(i, e) for e in routed.experts):
+                if routed.shared is not None:  # it computes while the experts are read
+                    mx.async_eval(routed.shared)
+                return i, x_fn, (att, routed, block)
+            grant = pool.grant(i, list(routed.experts))
+            stats.experts_hit += len(grant.slots)
+            x = p.compute.whole(att, routed, Fetched(i, grant, 0, 0.0),
+                                block.switch_mlp.activation)()
+            mx.async_eval(x)  # the experts compute while the next layer's graph is built
+            x_fn = partial(_given, x)
+            step.pending.append((pool, grant))
+        return len(p.layers), x_fn, None
+
+    def _route(self, att_fn: Callable[[], Attended], block: nn.Module,
+               stats: StepStats) -> tuple[Attended, Routed]:
+        """RouterStage's trip, inline: evaluate the previous layer's experts, this layer's
+        attention and routing, and read the choice back. The shared expert is built, not
+        started: with every expert cached it evaluates with the routed ones (one launch)."""
+        fam = self.p.r.family
+        t0 = time.perf_counter()
+        att = att_fn()
+        inds, scores = fam.route(block, att.xn, self.p.k)
+        mx.eval(inds, scores, att.h, att.xn)
+        ids = np.array(inds)
+        t1 = time.perf_counter()
+        shared = fam.shared(block, att.xn)
+        experts = tuple(sorted(set(ids.ravel().tolist())))
+        stats.device_trip_ms += (t1 - t0) * 1e3
+        stats.route_host_ms += (time.perf_counter() - t1) * 1e3
+        return att, Routed(att.layer, ids, scores, experts, shared)
+
+
+def _given(x: mx.array) -> mx.array:
+    return x
