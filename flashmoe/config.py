@@ -52,7 +52,7 @@ class IOConfig:
     direct: bool = False
     verify: bool = False
     readahead: bool = False  # the kernel's readahead on expert files (off: POSIX_FADV_RANDOM)
-    cuda_copy: bool = False  # CUDA builds: pinned staging + driver copies (opt-in, unmeasured)
+    cuda_copy: bool = True  # CUDA builds: pinned staging + driver copies; elsewhere ignored
     retries: int = 3
     layout: str = "auto"  # auto | original | packed
 

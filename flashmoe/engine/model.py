@@ -63,7 +63,7 @@ class Model:
             raise OptionError("experts_per_token", self.k, f"must be between 1 and "
                               f"{self.num_experts} (this model's experts per layer)")
         # None: preads straight into the slots (the path measured exact on the H200); the
-        # staged copy stays opt-in until a GPU run has measured it (io.cuda_copy)
+        # CUDA only (a capability check; io.cuda_copy=false keeps the plain path there too)
         self.cuda = cuda_copy.select(worker.device) if options.cuda_copy else None
         self.pools = self._make_pools()  # config errors first: nothing to close yet
         # O_DIRECT reads block even with RWF_NOWAIT: no inline pass for them

@@ -25,7 +25,7 @@ class EngineOptions:
     io_direct: bool = False  # O_DIRECT reads via aligned bounce buffers (skips the page cache)
     io_verify: bool = False  # check each read expert's xxh64 (needs the packed layout)
     io_readahead: bool = False  # kernel readahead on expert files (off: each read its range)
-    cuda_copy: bool = False  # CUDA: pinned staging + cuMemcpyHtoDAsync (not yet run on a GPU)
+    cuda_copy: bool = True  # CUDA: pinned staging + cuMemcpyHtoDAsync (a no-op elsewhere)
     layout: str = "auto"  # auto | original | packed (auto: packed when <ckpt>/flashmoe-packed exists)
     cache_policy: str = "lru"
     cache_budget_gb: float | None = None  # None: the minimum, two tokens' worth of slots
