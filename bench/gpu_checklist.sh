@@ -22,6 +22,8 @@ exact)  # 4 shaped layers (K=4, 10), every cache policy; the staged CUDA copy pa
   run timeout 400 python3 -m pytest -p no:cacheprovider -rA --durations=5 \
     tests/test_gpu_parity.py -k shaped tests/test_cuda_copy.py tests/test_cached_run.py \
     tests/test_speculate.py | tee "$OUT/exact.log" ;;
+dims)  # which model dims give mlx-lm itself garbage logits on mlx-cuda (issue 16's finding)
+  run timeout 300 python3 bench/gpu_tiny_dims.py | tee "$OUT/dims.log" ;;
 tiny)  # tiny fixtures of all five families, every cache policy; batched decode on the GPU
   run timeout 560 python3 -m pytest -p no:cacheprovider -rA --durations=5 \
     tests/test_gpu_parity.py -k tiny tests/test_batch.py | tee "$OUT/tiny.log" ;;
@@ -73,6 +75,6 @@ task.repeats=1"
 import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())" -n 2 --backend nccl -- \
     python3 -m flashmoe $C cache.budget_gb=5 dist.backend=nccl hydra.run.dir="$OUT/r2_B" \
     | tee -a "$OUT/nccl.log" ;;
-*) echo "usage: $0 exact|tiny|build|scale|both|speed|overhead|batch|nccl ..." >&2; exit 2 ;;
+*) echo "usage: $0 exact|dims|tiny|build|scale|both|speed|overhead|batch|nccl ..." >&2; exit 2 ;;
 esac
 done
