@@ -117,6 +117,15 @@ async def test_two_ranks_equal_one_process_on_every_family(tiny, tmp_path):
             assert all(ranks[r][i]["chunks"] > 0 for r in range(2))
 
 
+def first_token(log: Path, wait_s: float = 120) -> Path:
+    """Wait until rank 0's log has its first token_sampled line; returns the log's path."""
+    deadline = time.time() + wait_s
+    while time.time() < deadline and "token_sampled" not in (log.read_text() if log.exists()
+                                                                 else ""):
+        time.sleep(0.2)
+    return log
+
+
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_run_on_the_other(tiny, tmp_path):
     """SIGKILL rank 1 mid-generation: rank 0 ends within seconds with one line naming it."""
@@ -124,11 +133,7 @@ def test_a_killed_rank_ends_the_run_on_the_other(tiny, tmp_path):
     procs = launch(tmp_path, ["-m", "flashmoe", f"model.path={path}", "hardware=linux_cpu",
                               "max_tokens=4000", "prompt=hello", "dist.backend=ring",
                               f"run_dir={tmp_path / 'run'}"])
-    log = tmp_path / "run" / "flashmoe.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and "token_sampled" not in (log.read_text() if log.exists()
-                                                                 else ""):
-        time.sleep(0.2)
+    log = first_token(tmp_path / "run" / "flashmoe.jsonl")
     procs[1].send_signal(signal.SIGKILL)
     t0 = time.time()
     (rc, out, err), _ = finish(procs, timeout=60)
@@ -149,11 +154,7 @@ def test_a_silent_rank_times_out_and_mismatch_is_refused(tiny, tmp_path):
     common = ["-m", "flashmoe", f"model.path={path}", "hardware=linux_cpu", "prompt=hello",
               "dist.backend=ring", f"run_dir={tmp_path / 'run'}", "dist.timeout_s=3"]
     procs = launch(tmp_path, [*common, "max_tokens=4000"])
-    log = tmp_path / "run" / "flashmoe.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and "token_sampled" not in (log.read_text() if log.exists()
-                                                                 else ""):
-        time.sleep(0.2)
+    first_token(tmp_path / "run" / "flashmoe.jsonl")
     procs[1].send_signal(signal.SIGSTOP)
     try:
         rc, _, err = finish(procs[:1], timeout=40)[0]

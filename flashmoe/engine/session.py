@@ -82,7 +82,7 @@ class Session:
         async with self.model.step_lock:
             logits = await self.model.pipeline.forward(list(ids), state)
             tok = await self.model.pipeline.sample(logits, self.sampler, stats)
-        self.warm = stats.experts_fetched == 0 and not stats.extra.get("experts_host_hit")
+        self.warm = stats.read_nothing
         return tok, stats
 
     async def prefill(self, ids: Sequence[int], stats: StepStats | None = None) -> None:

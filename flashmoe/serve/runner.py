@@ -76,14 +76,13 @@ class BatchRunner:
                 logits = await self.step.forward([s.last for s in seqs], [s.cache for s in seqs],
                                                  stats, self.warm)
                 toks = await self.sample(seqs, logits, stats)
-                self.warm = stats.experts_fetched == 0 and not stats.extra.get("experts_host_hit")
             else:
                 toks = []
                 for s in seqs:
                     state = StepState(s.cache, stats, speculate=self.warm)
                     logits = await self.model.pipeline.forward([s.last], state)
                     toks += await self.sample([s], logits, stats)
-                self.warm = stats.experts_fetched == 0 and not stats.extra.get("experts_host_hit")
+        self.warm = stats.read_nothing
         for s in seqs:
             s.steps += 1
         return toks, StepReport("decode", len(seqs), len(seqs), time.perf_counter() - t0, stats)

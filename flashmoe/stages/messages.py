@@ -58,6 +58,12 @@ class StepStats:
     chunks: int = 0
     extra: dict = field(default_factory=dict)
 
+    @property
+    def read_nothing(self) -> bool:
+        """No expert came from disk or the host tier: the next decode step may try the
+        whole token at once (stages/speculate.py)."""
+        return self.experts_fetched == 0 and not self.extra.get("experts_host_hit")
+
     def as_dict(self) -> dict:
         return {
             "device_trip_ms": round(self.device_trip_ms, 3),

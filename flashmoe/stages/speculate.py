@@ -41,18 +41,16 @@ class Outcome:
 class Speculator:
     def __init__(self, pipeline: Any) -> None:
         self.p = pipeline
-        fam = pipeline.r.family
-        self.moe = {i: fam.moe_block(layer) for i, layer in enumerate(pipeline.layers)
-                    if fam.moe_block(layer) is not None}
+        self.moe = {i: b for i, b in enumerate(pipeline.cached.blocks) if b is not None}
         self.num_experts = pipeline.r.num_experts
+        # policy none frees every slot after its use: nothing is ever there to serve
+        self.keeps = all(pipeline.fetch.pools[i].policy != "none" for i in self.moe)
         self._tables: dict[int, tuple[tuple, mx.array]] = {}  # layer -> (pool, changes), table
 
     def usable(self, caches: list[Any]) -> bool:
         """Only caches whose step can be undone (mlx-lm's KVCache, ArraysCache), and pools
-        that keep experts between steps (policy none frees every slot after its use)."""
-        pools = self.p.fetch.pools
-        return all(type(c) in ROLLBACK for c in caches) and \
-            all(pools[i].policy != "none" for i in self.moe)
+        that keep experts between steps."""
+        return self.keeps and all(type(c) in ROLLBACK for c in caches)
 
     async def __call__(self, step: Any, x0: mx.array, attend: Attend,
                        caches: list[list[Any]], all_logits: bool = False) -> Outcome:
