@@ -15,6 +15,8 @@ export PYTHONUNBUFFERED=1 FLASHMOE_TEST_DEVICE=gpu
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 S=/root/s  # the 13-layer checkpoint (bench/h200.sh keeps /root between calls of one machine)
 run() { echo "+ $*"; "$@" 2>&1 | grep -v '^\[INFO\]'; }
+# seconds left before $DEADLINE (seconds since this script began; default: no deadline)
+left() { local l=$(( ${DEADLINE:-100000} - SECONDS )); [ $l -gt 10 ] && echo $l || echo 10; }
 
 for stage in "${@:-usage}"; do
 case "$stage" in
@@ -34,6 +36,13 @@ scale)  # the issue's own setting: 13 shaped layers, K=4/10 x (LRU 20.8 GiB, non
   # prompt logit, 32 greedy tokens and a warm second pass against resident mlx-lm
   FLASHMOE_GPU_SHAPED=$S run timeout 540 python3 -m pytest -p no:cacheprovider -rA \
     --durations=5 tests/test_gpu_parity.py -k at_scale | tee "$OUT/scale.log" ;;
+first)  # one device call: build the 13 layers while the tiny families run, then the
+  # overhead stage in what is left of DEADLINE (default 560 s)
+  DEADLINE=${DEADLINE:-560}; bash "$0" build > "$OUT/build.out" 2>&1 &
+  bash "$0" tiny; wait; tail -3 "$OUT/build.out"
+  run timeout $(left) python3 bench/host_overhead.py --tokens 32 --repeats 2 hardware=h200 \
+    model.path=$S model.experts_per_token=4 cache.budget_gb=20.8 --profile 30 \
+    | tee "$OUT/overhead.log" ;;
 both)  # scale and tiny side by side (correctness only: nothing here is timed)
   CUDA_VISIBLE_DEVICES=${GPU_B:-0} bash "$0" tiny > "$OUT/tiny.out" 2>&1 &
   bash "$0" scale; wait; tail -15 "$OUT/tiny.out" ;;
