@@ -178,15 +178,21 @@ async def measure(engine: Engine, prompt: list[int], tokens: int, repeats: int,
 
 
 async def profile(engine: Engine, prompt: list[int], tokens: int, top: int) -> str:
-    """cProfile of one more pass, in the event-loop thread and in the MLX thread."""
+    """cProfile of one more pass, in the event-loop thread and in the MLX thread (Python
+    3.12's cProfile sees every thread at once: one profile there)."""
     loop_prof, mlx_prof = cProfile.Profile(), cProfile.Profile()
-    engine.worker.call(lambda: mlx_prof.enable())
+    threads = sys.version_info < (3, 12)
+    if threads:
+        engine.worker.call(lambda: mlx_prof.enable())
     loop_prof.enable()
     await decode(engine, prompt, tokens)
     loop_prof.disable()
-    engine.worker.call(lambda: mlx_prof.disable())
+    if threads:
+        engine.worker.call(lambda: mlx_prof.disable())
     out = io.StringIO()
-    for name, prof in (("event-loop thread", loop_prof), ("MLX thread", mlx_prof)):
+    profs = (("event-loop thread", loop_prof), ("MLX thread", mlx_prof)) if threads \
+        else (("all threads", loop_prof),)
+    for name, prof in profs:
         out.write(f"\n=== {name} (top {top} by own time, {tokens} tokens) ===\n")
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
     return out.getvalue()
@@ -203,6 +209,8 @@ async def main_async(args: argparse.Namespace, overrides: list[str]) -> dict:
         layers, k, device = len(engine.pipeline.layers), engine.k, engine.device
         if args.layer_by_layer:  # bench-only switch: the product has no such option
             engine.pipeline.speculator = None
+        elif args.eval_every is not None and engine.pipeline.speculator is not None:
+            engine.pipeline.speculator.eval_every = args.eval_every  # bench-only, as above
         prompt = engine.encode(PROMPT)
         stream, out = await measure(engine, prompt, args.tokens, args.repeats, layers)
         text = await profile(engine, prompt, args.tokens, args.profile) if args.profile else ""
@@ -220,7 +228,8 @@ async def main_async(args: argparse.Namespace, overrides: list[str]) -> dict:
     else:
         out["mlx_lm"] = base
     out.update(layers=layers, k=k, tokens=args.tokens, repeats=args.repeats, device=device,
-               path=str(path), layer_by_layer=args.layer_by_layer)
+               path=str(path), layer_by_layer=args.layer_by_layer,
+               eval_every=args.eval_every)
     return {"summary": out, "profile": text}
 
 
@@ -233,6 +242,9 @@ def main() -> None:
     ap.add_argument("--layer-by-layer", action="store_true",
                     help="never try a token as one trip (stages/speculate.py): measures the "
                          "per-layer path (stages/cached_run.py) on the same cache")
+    ap.add_argument("--eval-every", type=int, default=None, metavar="N",
+                    help="whole-token step: async_eval every N-th MoE layer (0: once per "
+                         "token); default: the backend's (speculate.EVAL_EVERY)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print cProfile's top N functions per thread")
     args, overrides = ap.parse_known_args()

@@ -86,17 +86,25 @@ def gpu_dims(family: str) -> dict:
     return dims
 
 
-def reference_is_sound(path, gpu_logits: np.ndarray) -> str | None:
-    """mlx-lm's GPU logits against its own CPU logits: where they disagree grossly the GPU
-    reference itself is broken at these shapes and nothing can be checked against it."""
+def reference_is_sound(path, ref: tuple[list[int], np.ndarray]) -> str | None:
+    """None when mlx-lm's GPU reference can be checked against: finite prompt logits, the
+    same bits and tokens from a second fresh load. At the tiny fixtures' own dims (hidden 64)
+    mlx-cuda 0.32.4 gave 1e32 and NaN that changed between runs (2026-12-01). How far the
+    GPU's bf16 logits sit from the CPU's is only reported: the two backends' kernels sum in
+    other orders (mlx-lm's Gated DeltaNet even has a GPU-only kernel), and flashmoe is
+    compared with mlx-lm on the same backend."""
     from mlx_lm import load
 
+    if not np.isfinite(ref[1]).all():
+        return "mlx-lm's own GPU prompt logits are not finite"
+    again = reference(path)
+    if again[0] != ref[0] or not np.array_equal(again[1], ref[1]):
+        return "mlx-lm's own GPU reference changes between two loads (not deterministic)"
     with mx.stream(mx.cpu):
         model, _ = load(str(path))
         cpu = np.array(model(mx.array([PROMPT]))[0].astype(mx.float32))
-    gap = np.abs(gpu_logits - cpu)
-    if np.isnan(gap).any() or gap.max() > 0.25 * (np.abs(cpu).max() + 1):
-        return f"mlx-lm's own GPU prompt logits differ from its CPU logits by {np.nanmax(gap):.3g}"
+    print(f"mlx-lm GPU vs CPU prompt logits: largest difference "
+          f"{np.abs(ref[1] - cpu).max():.3g} (logits up to {np.abs(cpu).max():.3g})")
     return None
 
 
@@ -105,7 +113,7 @@ def reference_is_sound(path, gpu_logits: np.ndarray) -> str | None:
 async def test_gpu_parity_tiny(tiny, family):
     path = tiny(family, dtype=mx.bfloat16, **gpu_dims(family))  # bf16, as real checkpoints
     ref = reference(path)
-    broken = reference_is_sound(path, ref[1])
+    broken = reference_is_sound(path, ref)
     if broken:
         pytest.skip(f"{broken}: no reference on this backend")
     expert, k = expert_nbytes(path)

@@ -52,6 +52,25 @@ async def test_a_miss_part_way_rolls_back_and_stays_exact(tiny, family, monkeypa
     assert served >= 1
 
 
+@pytest.mark.parametrize("every", [0, 3])
+async def test_fewer_evaluations_per_token_stay_exact(tiny, every, monkeypatch):
+    """The GPU's setting (the token in one evaluation) and every third layer, on the CPU:
+    served whole and rolled back part-way alike."""
+    import flashmoe.stages.speculate as speculate
+
+    monkeypatch.setattr(speculate, "EVAL_EVERY", {"cpu": every, "gpu": every})
+    monkeypatch.setattr(Session, "warm", property(lambda self: True, lambda self, v: None),
+                        raising=False)
+    path = tiny("qwen3_5_moe")
+    ref = mlx_lm_trace(path, PROMPT, STEPS)
+    got, engine = await flashmoe_trace(path, PROMPT, STEPS,
+                                       cache_budget_gb=budget_for(path, 40))
+    assert_exact(ref, got)
+    assert engine.pipeline.speculator.eval_every == every
+    served, missed = _counts(engine)
+    assert served >= 1 and missed >= 3, (served, missed)
+
+
 async def test_a_wrong_slot_table_is_caught(tiny, monkeypatch):
     """One expert of one layer served from another expert's slot: the trace must differ."""
     real = Speculator._token

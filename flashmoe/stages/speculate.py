@@ -25,6 +25,12 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache
 
+# How often the whole-token step hands a layer's output to MLX before the token is built:
+# on the CPU backend after every MoE layer (graph building overlaps the compute thread's work:
+# BENCHMARKS (k)); on CUDA each extra evaluation costs more than the overlap saves (resident
+# mlx-lm on the H200, 13 shape-faithful layers, K=4: 11.08 ms per token evaluated once,
+# 12.92 with an async_eval per layer: bench/sync_cost.py, BENCHMARKS "NVIDIA H200").
+EVAL_EVERY = {"cpu": 1, "gpu": 0}
 ROLLBACK = (KVCache, ArraysCache)  # caches whose step can be undone by restoring attributes
 Attend = Callable[[int, Any, Callable[[], mx.array]], Callable[[], Any]]
 
@@ -46,6 +52,10 @@ class Speculator:
         # policy none frees every slot after its use: nothing is ever there to serve
         self.keeps = all(pipeline.fetch.pools[i].policy != "none" for i in self.moe)
         self._tables: dict[int, tuple[tuple, mx.array]] = {}  # layer -> (pool, changes), table
+        # Start every EVAL_EVERY-th MoE layer's output on the device as soon as it is built, so
+        # the device computes while the host builds the next layers (0: the token in one
+        # evaluation). Per backend: see EVAL_EVERY.
+        self.eval_every = EVAL_EVERY.get(getattr(pipeline.worker, "device", "cpu"), 1)
 
     def usable(self, caches: list[Any]) -> bool:
         """Only caches whose step can be undone (mlx-lm's KVCache, ArraysCache), and pools
@@ -87,7 +97,7 @@ class Speculator:
         """Every layer and the head in one graph, evaluated with the routing (MLX thread)."""
         p, fam = self.p, self.p.r.family
         tables = {i: self._table(i, w) for i, w in where.items()}
-        x, xs, inds = x0, [], {}
+        x, xs, inds, every = x0, [], {}, self.eval_every
         for i, layer in enumerate(p.layers):
             xs.append(x)
             att = attend(i, layer, lambda x=x: x)()
@@ -99,7 +109,8 @@ class Speculator:
             shared = fam.shared(block, att.xn)
             x = p.compute.output(att, tables[i][inds[i]], scores, shared,
                                  block.switch_mlp.activation)
-            mx.async_eval(x)  # the device runs this layer while the host builds the next
+            if every and len(inds) % every == 0:
+                mx.async_eval(x)  # the device runs this layer while the host builds the next
         logits = p._head(x, all_logits)
         order = list(inds)
         flat = mx.concatenate([inds[i].reshape(-1) for i in order]) if order else None
