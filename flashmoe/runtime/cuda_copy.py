@@ -21,7 +21,7 @@ import numpy as np
 LIBCUDA = "libcuda.so.1"
 SYMBOLS = ("cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent",
            "cuStreamCreate", "cuStreamSynchronize", "cuMemHostAlloc", "cuMemFreeHost",
-           "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoH_v2")
+           "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoH_v2", "cuMemcpyDtoHAsync_v2")
 Loader = Callable[[str], object]  # ctypes.CDLL, or a fake in tests
 STAGING_ROWS = 64  # experts read per group (453 MB pinned at Qwen3.5-397B's 7 MB experts)
 
@@ -43,6 +43,7 @@ class CudaCopy:
         u64, vp, sz = C.c_ulonglong, C.c_void_p, C.c_size_t
         lib.cuMemcpyHtoDAsync_v2.argtypes = [u64, vp, sz, vp]
         lib.cuMemcpyDtoH_v2.argtypes = [vp, u64, sz]
+        lib.cuMemcpyDtoHAsync_v2.argtypes = [vp, u64, sz, vp]
         lib.cuStreamSynchronize.argtypes = [vp]
         lib.cuMemHostAlloc.argtypes = [C.POINTER(vp), sz, C.c_uint]
         lib.cuMemFreeHost.argtypes = [vp]
@@ -74,16 +75,26 @@ class CudaCopy:
             address(dst), address(src), dst.nbytes, self._stream))
 
     def to_host(self, dst: np.ndarray, src: np.ndarray) -> None:
-        """Copy slot memory `src` into host `dst` now (a demotion to the host tier)."""
+        """Copy slot memory `src` into host `dst` now."""
         assert dst.nbytes == src.nbytes
         self._check("cuMemcpyDtoH_v2", self._cu.cuMemcpyDtoH_v2(address(dst), address(src),
                                                                  dst.nbytes))
+
+    def to_host_async(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """Enqueue a copy of slot memory `src` into pinned `dst` (a demotion to the host
+        tier). On the one copy stream it lands before any copy enqueued after it: the new
+        expert's copy into the same slot, a promotion's copy out of the same row."""
+        assert dst.nbytes == src.nbytes
+        self._check("cuMemcpyDtoHAsync_v2", self._cu.cuMemcpyDtoHAsync_v2(
+            address(dst), address(src), dst.nbytes, self._stream))
 
     def synchronize(self) -> None:
         """Every enqueued copy has landed: call before an evaluation reads the slots."""
         self._check("cuStreamSynchronize", self._cu.cuStreamSynchronize(self._stream))
 
     def close(self) -> None:
+        if self._pinned:
+            self.synchronize()  # no copy may still read or write what is freed
         for p in self._pinned:
             self._cu.cuMemFreeHost(p)
         self._pinned = []

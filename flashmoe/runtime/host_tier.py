@@ -51,12 +51,11 @@ class HostTier:
             self._free.append(row)
             self.dropped += 1
         row = self._free.pop()
-        if self._cuda is not None:
-            self._cuda.synchronize()  # a promotion's copy may still read this row
         dst = self._rows[row]
         for v, a, b in zip(views, self._cuts, self._cuts[1:]):
-            if self._cuda is not None:
-                self._cuda.to_host(dst[a:b], v.reshape(-1))  # device memory, no migration
+            if self._cuda is not None:  # enqueued behind the row's and the slot's earlier
+                # copies, ahead of the slot's next one: no wait, no page migration
+                self._cuda.to_host_async(dst[a:b], v.reshape(-1))
             else:
                 dst[a:b] = v.reshape(-1)
         self._table[key] = row
@@ -72,7 +71,8 @@ class HostTier:
 
     def copy_back(self, row: int, views: list[np.ndarray]) -> None:
         """Copy a taken row into its new slot's `views` and free the row. On CUDA the copy is
-        enqueued: synchronise before reading the slot (demote() does before reusing a row)."""
+        enqueued: synchronise before reading the slot (all copies share one stream, so a
+        later demotion into this row waits for it)."""
         src = self._rows[row]
         for v, a, b in zip(views, self._cuts, self._cuts[1:]):
             if self._cuda is not None:
