@@ -71,6 +71,19 @@ final)  # issue 12 and 11 in one call: cached K=4 beside resident mlx-lm, the pa
     model.experts_per_token=4 cache.budget_gb=20.8 task.concurrency=1,8 \
     task.batch_compute=per_sequence,joint task.tokens=16 task.repeats=1 task.warmup=2 \
     hydra.sweep.dir="$OUT/batch" | tee "$OUT/batch.log" ;;
+k10)  # K=10 (the model's own): every expert cached beside resident mlx-lm; two tiers with a
+  # device tier too small for the stream (promotions and demotions every token); the per-layer
+  # breakdown. Runs under /root/runs, digests into $OUT (few files come back).
+  C="task=bench hardware=h200 model.path=$S model.experts_per_token=10 task.check=mlx_lm \
+task.tokens=32 task.repeats=1"
+  run timeout 120 python3 -m flashmoe $C cache.budget_gb=26 task.baseline=mlx_lm \
+    hydra.run.dir=/root/runs/k10_cached | tail -1
+  run timeout 90 python3 -m flashmoe $C cache.budget_gb=8 cache.host_budget_gb=19.5 \
+    hydra.run.dir=/root/runs/k10_tiers8 | tail -1
+  python3 bench/jsonl_digest.py /root/runs/k10_cached /root/runs/k10_tiers8 | tee "$OUT/k10.log"
+  run timeout $(left) python3 bench/host_overhead.py --tokens 32 --repeats 1 --no-baseline \
+    hardware=h200 model.path=$S model.experts_per_token=10 cache.budget_gb=26 \
+    | grep -v '^{' | tee -a "$OUT/k10.log" ;;
 both)  # scale and tiny side by side (correctness only: nothing here is timed)
   CUDA_VISIBLE_DEVICES=${GPU_B:-0} bash "$0" tiny > "$OUT/tiny.out" 2>&1 &
   bash "$0" scale; wait; tail -15 "$OUT/tiny.out" ;;

@@ -30,7 +30,7 @@ from mlx_lm.models.cache import ArraysCache, KVCache
 # BENCHMARKS (k)); on CUDA each extra evaluation costs more than the overlap saves (resident
 # mlx-lm on the H200, 13 shape-faithful layers, K=4: 11.08 ms per token evaluated once,
 # 12.92 with an async_eval per layer: bench/sync_cost.py, BENCHMARKS "NVIDIA H200").
-EVAL_EVERY = {"cpu": 1, "gpu": 0}
+EVAL_EVERY = {"cpu": 1, "gpu": 1}
 ROLLBACK = (KVCache, ArraysCache)  # caches whose step can be undone by restoring attributes
 Attend = Callable[[int, Any, Callable[[], mx.array]], Callable[[], Any]]
 
