@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from flashmoe.stages.observer import ReadObserver
 from flashmoe.errors import ExpertReadError
@@ -84,31 +85,47 @@ class ExpertFetchStage:
 
     async def _read_staged(self, layer: int, pool: SlotPool, grant: SlotGrant,
                            observer: ReadObserver | None) -> tuple[int, float]:
-        """CUDA: read misses into pinned staging rows, copy each into its slot's device
-        address on the copy stream, and synchronise before the slots are evaluated."""
+        """CUDA: read misses into pinned staging rows and copy each row into its slot's
+        device address on the copy stream as soon as that row's reads are done (the copies
+        overlap the other rows' reads); synchronise before the slots are evaluated."""
         staging = self._staging.get(id(pool))
         if staging is None:
             staging = self._staging[id(pool)] = PinnedStaging(pool.cuda, pool.store.parts)
-        nbytes, ms = 0, 0.0
+        nbytes, t0 = 0, time.perf_counter()
         misses = list(grant.misses)
         for i in range(0, len(misses), staging.rows):
             group = misses[i:i + staging.rows]
             pool.cuda.synchronize()  # the rows' previous copies have landed
-            jobs = coalesce([ReadJob(self.store.fds[rng.file_id], rng.offset, view,
-                                     ReadLabel(layer, e, part.key, self.store.names[rng.file_id]))
-                             for r, (e, _) in enumerate(group)
-                             for part, rng, view in zip(pool.store.parts,
-                                                        self.store.ranges(layer, e),
-                                                        staging.views(r))])
+            rows = [self._row_jobs(layer, pool, staging, r, e) for r, (e, _) in enumerate(group)]
             if observer is not None:
-                observer.expert_reads(layer, [(j.fd, j.offset, j.nbytes) for j in jobs])
-            got, t = await self.io.read(jobs)
-            nbytes, ms = nbytes + got, ms + t
-            for r, (_, s) in enumerate(group):
-                for src, dst in zip(staging.views(r), pool.store.views(s)):
-                    pool.cuda.to_device(dst, src)
+                observer.expert_reads(layer, [(j.fd, j.offset, j.nbytes)
+                                              for jobs in rows for j in jobs])
+            done = await asyncio.gather(
+                *(self._read_row(pool, staging, r, s, jobs)
+                  for (r, (_, s)), jobs in zip(enumerate(group), rows)),
+                return_exceptions=True)  # every read ends before a row is reused
+            errors = [d for d in done if isinstance(d, BaseException)]
+            if errors:
+                raise errors[0]
+            nbytes += sum(done)
         pool.cuda.synchronize()  # also the host tier's promotions (MLX cannot wait on them)
-        return nbytes, ms
+        return nbytes, (time.perf_counter() - t0) * 1e3 if misses else 0.0
+
+    def _row_jobs(self, layer: int, pool: SlotPool, staging: PinnedStaging, row: int,
+                  e: int) -> list[ReadJob]:
+        """Expert e's parts into staging row `row`, touching ranges as one read."""
+        return coalesce([ReadJob(self.store.fds[rng.file_id], rng.offset, view,
+                                 ReadLabel(layer, e, part.key, self.store.names[rng.file_id]))
+                         for part, rng, view in zip(pool.store.parts,
+                                                    self.store.ranges(layer, e),
+                                                    staging.views(row))])
+
+    async def _read_row(self, pool: SlotPool, staging: PinnedStaging, row: int, slot: int,
+                        jobs: list[ReadJob]) -> int:
+        got, _ = await self.io.read(jobs)
+        for src, dst in zip(staging.views(row), pool.store.views(slot)):
+            pool.cuda.to_device(dst, src)
+        return got
 
     def _bounce_for(self, pool: SlotPool, parts) -> DirectBounce:
         key = id(pool)
