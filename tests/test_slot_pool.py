@@ -134,3 +134,30 @@ def test_where_maps_follow_every_grant_eviction_and_clear(policy):
         for lay, where in maps.items():
             want = [pool._table.get((lay, e), -1) for e in range(64)]
             assert where.tolist() == want, f"step {n}: layer {lay}'s map is stale"
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("seed", range(4))
+def test_touch_leaves_what_a_grant_and_release_leave(policy: str, seed: int) -> None:
+    """The whole-token step's touch() of cached experts, against grant + release: every
+    later choice (which slot a miss takes) and the hit counts must be the same."""
+    rng = random.Random(seed)
+    n = rng.choice([5, 12, 33])
+    a, b = SlotPool(tiny_spec(), n, policy), SlotPool(tiny_spec(), n, policy)
+    weights = [1 / (e + 1) for e in range(40)]
+    touched = 0
+    for _ in range(800):
+        layer = rng.randrange(2)
+        k = rng.randint(1, min(6, n))
+        experts = sorted(set(rng.choices(range(40), weights, k=k)))
+        if all(a.cached(layer, e) for e in experts) and rng.random() < 0.7:
+            a.touch(layer, experts)
+            b.release(b.grant(layer, experts))
+            touched += 1
+        else:
+            ga, gb = a.grant(layer, experts), b.grant(layer, experts)
+            assert ga.slots == gb.slots and ga.misses == gb.misses
+            a.release(ga)
+            b.release(gb)
+        assert (a.hits, a.misses, a.free_slots()) == (b.hits, b.misses, b.free_slots())
+    assert touched > 10

@@ -159,6 +159,19 @@ class SlotPool:
             slots[e] = s
         return SlotGrant(slots, tuple(misses), tuple(promoted))
 
+    def touch(self, layer: int, experts: list[int]) -> None:
+        """Cached experts that a step used without a grant (the whole-token step, between
+        steps: nothing pinned): the recency, use counts and hits a grant and its release
+        would leave, without building the grant."""
+        for e in experts:
+            key = (layer, e)
+            s = self._table[key]
+            uses = self._uses[key] = self._uses.get(key, 0) + 1
+            self.hits += 1
+            self._order.granted(s)
+            if self._pins[s] == 0:
+                self._order.unpinned(s, False, uses)
+
     def release(self, grant: SlotGrant, valid: bool = True, keep: bool = False) -> None:
         """Unpin after the computation reading these slots was evaluated.
 

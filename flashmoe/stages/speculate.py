@@ -134,9 +134,8 @@ class Speculator:
     def _touch(self, layer: int, inds: np.ndarray, stats: Any) -> None:
         """A served layer's experts were used: the cache's recency and counts see it, as a
         per-layer step's grant and release would."""
-        experts = [int(e) for e in np.unique(inds)]
-        pool = self.p.fetch.pools[layer]
-        pool.release(pool.grant(layer, experts))
+        experts = sorted(set(inds.reshape(-1).tolist()))
+        self.p.fetch.pools[layer].touch(layer, experts)
         stats.experts_hit += len(experts)
 
 
