@@ -94,6 +94,7 @@ def test_bench_concurrency_sweep(tiny, tmp_path):
     for n, run in zip((1, 3), ("0", "1")):
         s = summary(tmp_path / "sweep" / run)
         assert s["status"] == "ok" and s["concurrency"] == n and s["tokens_match_solo"] is True
+        assert s["batch_compute"] == "joint"  # auto, on the CPU
         assert s["tok_s_aggregate"] > 0 and s["itl_p99_ms"] >= s["itl_p50_ms"] > 0
         assert abs(s["tok_s_per_sequence"] * n - s["tok_s_aggregate"]) < 1e-2 * s["tok_s_aggregate"]
         assert 0 < s["union_experts_per_token"] <= 4 * s["experts_per_token"]  # 4 MoE layers

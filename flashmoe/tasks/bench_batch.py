@@ -51,7 +51,8 @@ async def run(cfg: DictConfig, log: Any, state: dict) -> dict:
         extra["tokens_match_solo"] = solo == streams
         log.info("bench_solo_checked", match=extra["tokens_match_solo"], streams=len(ids))
     extra.update(concurrency=t.concurrency, bench_tokens=t.tokens, repeats=t.repeats,
-                 bench_cold=t.cold)
+                 bench_cold=t.cold,  # how the rows were computed, `auto` resolved
+                 batch_compute="joint" if runner.batched else "per_sequence")
     if model_kind(cfg.model) in ("demo", "synth"):
         extra["note"] = SYNTHETIC_NOTE
     return {**run_summary(cfg, engine, None, "ok"), **extra}
