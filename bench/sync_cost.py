@@ -72,12 +72,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    model, _ = load(args.path)
+    from flashmoe.bench.baseline import _with_k
+
+    model, _ = load(args.path, model_config=_with_k(args.path, args.k))  # as the bench's mlx-lm
     inner = model.language_model.model if hasattr(model, "language_model") else model.model
-    for layer in inner.layers:
-        mlp = getattr(layer, "mlp", None)
-        if mlp is not None and hasattr(mlp, "top_k"):
-            mlp.top_k = args.k
+    ks = {getattr(getattr(layer, "mlp", None), "top_k", None) for layer in inner.layers}
+    assert ks <= {args.k, None}, f"routers built for {ks}, not K={args.k}"
     prompt = mx.array([5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150])
     plain = list(inner.layers)
     n = len(plain)
