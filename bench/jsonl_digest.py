@@ -13,12 +13,16 @@ from pathlib import Path
 
 KEYS = ("status", "tok_s", "tokens_match", "vs_baseline", "baseline_tok_s", "cache_hit_rate",
         "expert_gb_per_token", "fetch_vs_probe", "overlap_ratio", "tok_s_aggregate",
-        "tok_s_per_sequence", "tokens_match_solo", "concurrency", "experts_per_token")
+        "tok_s_per_sequence", "tokens_match_solo", "concurrency", "batch_compute",
+        "experts_per_token")
 
 
 def digest(run: Path) -> str:
     summary, steps = {}, []
-    for line in (run / "flashmoe.jsonl").read_text().splitlines():
+    log = run / "flashmoe.jsonl"
+    if not log.exists():
+        return f"{run}: no log (the run did not start)"
+    for line in log.read_text().splitlines():
         ev = json.loads(line)
         if ev.get("event") == "run_summary":
             summary = ev
