@@ -81,12 +81,17 @@ def test_pinned_copies_land_in_the_slot_and_come_back():
     back = np.zeros(1 << 20, np.uint8)
     copy.to_host(back, view[2])
     assert np.array_equal(back, pinned)
-    # a demotion then the new expert's copy into the same slot, neither waited for: the
-    # stream orders them, so the demoted row holds the old bytes and the slot the new ones
+    # a demotion (down stream) then the new expert's copy into the same slot (up stream),
+    # ordered by an event, not by the host waiting: the row holds the old bytes, the slot
+    # the new ones
     row, new = copy.host_alloc(1 << 20), copy.host_alloc(1 << 20)
     new[:] = 255 - pinned
     copy.to_host_async(row, view[2])
+    copy.mark([("drain", 2)], down=True)
+    copy.wait([("drain", 2)], down=False)
     copy.to_device(view[2], new)
+    copy.synchronize(down=False)
+    assert np.array_equal(np.array(slots[2]), new)
     copy.synchronize()
     assert np.array_equal(row, pinned) and np.array_equal(np.array(slots[2]), new)
     copy.close()

@@ -1,7 +1,7 @@
-"""The CUDA copy path's ordering, on the CPU: a stand-in for CudaCopy whose copies land only
-at synchronize(), in the order they were enqueued (one CUDA stream), so a slot read before
-its copy was waited for, a staging row reused while its copy is pending, or a demotion
-ordered after the slot's next copy gives wrong bytes and the parity check fails."""
+"""The CUDA copy path's ordering, on the CPU: a stand-in for CudaCopy whose two streams'
+copies land only at synchronize(), so a slot read before its copy was waited for, a staging
+row reused while its copy is pending, or a demotion not ordered before the slot's next fill
+(or a promotion before its row's demotion) gives wrong bytes and the parity check fails."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,15 +14,18 @@ PROMPT = [5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150]
 
 
 class DeferredCopy:
-    """CudaCopy's interface over host memory; enqueued copies land at synchronize(). A real
-    copy reads its source somewhere between enqueue and that wait: `eager` reads it at
-    enqueue (catches a copy enqueued before its read finished), lazy at the wait (catches a
-    source reused or a slot read before the wait)."""
+    """CudaCopy's interface over host memory: two queues (the `up` and `down` streams) whose
+    copies run only inside synchronize(), each stream in its order, a stream's `wait` blocking
+    it until the copies marked under those keys ran. Which stream runs ahead is the test's
+    choice (`prefer`), and synchronize(down=False) runs `down` only as far as `up` needs: a
+    missing wait then shows as wrong bytes. A real copy reads its source between enqueue and
+    completion: `eager` reads it at enqueue (catches a copy enqueued before its read ended)."""
 
-    def __init__(self, eager: bool = False) -> None:
-        self.queue: list[tuple[np.ndarray, np.ndarray]] = []
-        self.copies = self.syncs = 0
-        self.eager = eager
+    def __init__(self, eager: bool = False, prefer: str = "up") -> None:
+        self.q: dict[str, list[tuple]] = {"up": [], "down": []}
+        self.marks: dict = {}
+        self.done: set[int] = set()
+        self.eager, self.prefer, self.copies, self._n = eager, prefer, 0, 0
 
     def bind(self) -> None:
         pass
@@ -31,28 +34,61 @@ class DeferredCopy:
         return np.full(max(nbytes, 1), 0xAB, dtype=np.uint8)[:nbytes]  # junk until written
 
     def to_device(self, dst: np.ndarray, src: np.ndarray) -> None:
-        assert dst.nbytes == src.nbytes
-        self.queue.append((dst, src.copy() if self.eager else src))
-        self.copies += 1
+        self._copy("up", dst, src)
 
-    to_host_async = to_device
+    def to_host_async(self, dst: np.ndarray, src: np.ndarray) -> None:
+        self._copy("down", dst, src)
 
     def to_host(self, dst: np.ndarray, src: np.ndarray) -> None:
         dst[...] = src
 
-    def synchronize(self) -> None:
-        for dst, src in self.queue:
-            dst.reshape(-1)[:] = src.reshape(-1)
-        self.queue.clear()
-        self.syncs += 1
+    def wait(self, keys, down: bool) -> None:
+        q = self.q["down" if down else "up"]
+        q.extend(("wait", self.marks[k]) for k in keys if k in self.marks)
+
+    def mark(self, keys, down: bool) -> None:
+        self._n += 1
+        self.q["down" if down else "up"].append(("mark", self._n))
+        self.marks.update((k, self._n) for k in keys)
+
+    def synchronize(self, down: bool = True) -> None:
+        order = ["up", "down"] if self.prefer == "up" else ["down", "up"]
+        while self.q["up"] or (down and self.q["down"]):
+            moved = False
+            for name in order:
+                if name == "down" and not down and self._runs("up"):
+                    continue  # lazy: down moves only while up waits for it
+                while self._runs(name):
+                    self._step(name)
+                    moved = True
+            assert moved, "the two streams wait for each other"
+        if down:
+            self.marks.clear()
 
     def close(self) -> None:
         self.synchronize()
 
+    def _copy(self, stream: str, dst: np.ndarray, src: np.ndarray) -> None:
+        assert dst.nbytes == src.nbytes
+        self.q[stream].append(("copy", dst, src.copy() if self.eager else src))
+        self.copies += 1
 
-@pytest.mark.parametrize("host_gb, eager", [(0.0, False), (1.0, False), (1.0, True)])
-async def test_staged_copies_and_demotions_are_exact(wide, monkeypatch, host_gb, eager):
-    fake = DeferredCopy(eager)
+    def _runs(self, name: str) -> bool:
+        q = self.q[name]
+        return bool(q) and not (q[0][0] == "wait" and q[0][1] not in self.done)
+
+    def _step(self, name: str) -> None:
+        op = self.q[name].pop(0)
+        if op[0] == "copy":
+            op[1].reshape(-1)[:] = op[2].reshape(-1)
+        elif op[0] == "mark":
+            self.done.add(op[1])
+
+
+@pytest.mark.parametrize("host_gb, eager, prefer", [(0.0, False, "up"), (1.0, False, "up"),
+                                                    (1.0, False, "down"), (1.0, True, "up")])
+async def test_staged_copies_and_demotions_are_exact(wide, monkeypatch, host_gb, eager, prefer):
+    fake = DeferredCopy(eager, prefer)
     monkeypatch.setattr(model_mod.cuda_copy, "select", lambda device: fake)
     path = wide("qwen3_5_moe")
     ref = mlx_lm_trace(path, PROMPT, 8)
@@ -73,10 +109,10 @@ async def test_a_slot_read_before_its_copy_landed_is_caught(wide, monkeypatch):
     calls = {"n": 0}
     real = DeferredCopy.synchronize
 
-    def skip_last(self) -> None:  # every fetch's closing wait is its second call or later
+    def skip_last(self, down: bool = True) -> None:  # every fetch's closing wait is its second
         calls["n"] += 1
         if calls["n"] % 2 == 1:
-            real(self)
+            real(self, down)
 
     monkeypatch.setattr(DeferredCopy, "synchronize", skip_last)
     path = wide("qwen3_5_moe")
@@ -84,3 +120,18 @@ async def test_a_slot_read_before_its_copy_landed_is_caught(wide, monkeypatch):
     got, _ = await flashmoe_trace(path, PROMPT, 8, cache_budget_gb=budget_for(path, 4))
     with pytest.raises(AssertionError):
         assert_exact(ref, got)
+
+
+def test_a_promotion_waits_for_its_rows_demotion():
+    """A demoted expert promoted again into an empty slot before the demotion ran: the
+    promotion must wait for the row's write, whatever the streams' pace."""
+    from flashmoe.runtime.host_tier import HostTier
+
+    fake = DeferredCopy(prefer="up")
+    tier = HostTier([8], 2, alloc=fake.host_alloc, cuda=fake)
+    slots = np.zeros((2, 8), np.uint8)
+    slots[0] = 7  # expert (0, 3) sits in slot 0
+    tier.demote((0, 3), [slots[0]], slot=("pool", 0))
+    tier.promote((0, 3), [slots[1]], slot=("pool", 1))  # slot 1 held nothing: no drain
+    fake.synchronize(down=False)  # what an evaluation waits for
+    assert (slots[1] == 7).all()

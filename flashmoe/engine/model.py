@@ -155,6 +155,8 @@ class Model:
                 pool = SlotPool(spec, slots, self.options.cache_policy,
                                 upcast=self.options.dtype == "float32", host=host)
                 pool.cuda = self.cuda if not pool.store.upcasts else None
+                if pool.cuda is None and pool.host is not None:
+                    pool.host.without_cuda()  # its copies must land before the reads do
                 pools.update({i: pool for i in group})
         return pools
 

@@ -21,7 +21,10 @@ import numpy as np
 LIBCUDA = "libcuda.so.1"
 SYMBOLS = ("cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent",
            "cuStreamCreate", "cuStreamSynchronize", "cuMemHostAlloc", "cuMemFreeHost",
-           "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoH_v2", "cuMemcpyDtoHAsync_v2")
+           "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoH_v2", "cuMemcpyDtoHAsync_v2", "cuEventCreate",
+           "cuEventRecord", "cuStreamWaitEvent", "cuEventDestroy_v2")
+EVENT_DISABLE_TIMING = 0x2
+EVENT_CAP = 4096  # events recorded between full synchronisations before one is forced
 Loader = Callable[[str], object]  # ctypes.CDLL, or a fake in tests
 STAGING_ROWS = 64  # experts read per group (453 MB pinned at Qwen3.5-397B's 7 MB experts)
 
@@ -36,7 +39,12 @@ def address(view: np.ndarray) -> int:
 
 
 class CudaCopy:
-    """One context (the primary one MLX uses), one non-blocking stream, pinned allocations."""
+    """One context (the primary one MLX uses), pinned allocations, and two non-blocking
+    streams: `up` for host-to-device copies (reads and promotions into slots), `down` for
+    device-to-host ones (demotions out of slots), so the two directions run on the GPU's two
+    copy engines at once. What must come first is said with keys: `wait(keys, down=...)`
+    makes the next copies of that stream wait for the copies last recorded under those keys
+    (`mark`); keys name a slot's fill or drain, or a host row's read or write."""
 
     def __init__(self, lib) -> None:
         self._cu = lib
@@ -47,15 +55,23 @@ class CudaCopy:
         lib.cuStreamSynchronize.argtypes = [vp]
         lib.cuMemHostAlloc.argtypes = [C.POINTER(vp), sz, C.c_uint]
         lib.cuMemFreeHost.argtypes = [vp]
+        lib.cuEventCreate.argtypes = [C.POINTER(vp), C.c_uint]
+        lib.cuEventRecord.argtypes = [vp, vp]
+        lib.cuStreamWaitEvent.argtypes = [vp, vp, C.c_uint]
+        lib.cuEventDestroy_v2.argtypes = [vp]
         self._check("cuInit", lib.cuInit(0))
         dev, ctx = C.c_int(), C.c_void_p()
         self._check("cuDeviceGet", lib.cuDeviceGet(C.byref(dev), 0))
         self._check("cuDevicePrimaryCtxRetain", lib.cuDevicePrimaryCtxRetain(C.byref(ctx), dev))
         self._ctx = ctx
         self.bind()
-        self._stream = C.c_void_p()
-        self._check("cuStreamCreate", lib.cuStreamCreate(C.byref(self._stream), 1))  # non-blocking
+        self._up, self._down = C.c_void_p(), C.c_void_p()
+        for st in (self._up, self._down):
+            self._check("cuStreamCreate", lib.cuStreamCreate(C.byref(st), 1))  # non-blocking
         self._pinned: list[int] = []
+        self._marks: dict = {}  # key -> event recorded after its last copy (since the last sync)
+        self._spare: list[C.c_void_p] = []  # events free to record again
+        self._all_events: list[C.c_void_p] = []
 
     def bind(self) -> None:
         """Make MLX's context current in the calling thread (driver calls are per thread)."""
@@ -69,10 +85,10 @@ class CudaCopy:
         return np.ctypeslib.as_array((C.c_uint8 * max(nbytes, 1)).from_address(p.value))[:nbytes]
 
     def to_device(self, dst: np.ndarray, src: np.ndarray) -> None:
-        """Enqueue a copy of pinned `src` into slot memory `dst` (same byte count)."""
+        """Enqueue a copy of pinned `src` into slot memory `dst` (same byte count) on `up`."""
         assert dst.nbytes == src.nbytes
         self._check("cuMemcpyHtoDAsync_v2", self._cu.cuMemcpyHtoDAsync_v2(
-            address(dst), address(src), dst.nbytes, self._stream))
+            address(dst), address(src), dst.nbytes, self._up))
 
     def to_host(self, dst: np.ndarray, src: np.ndarray) -> None:
         """Copy slot memory `src` into host `dst` now."""
@@ -81,16 +97,36 @@ class CudaCopy:
                                                                  dst.nbytes))
 
     def to_host_async(self, dst: np.ndarray, src: np.ndarray) -> None:
-        """Enqueue a copy of slot memory `src` into pinned `dst` (a demotion to the host
-        tier). On the one copy stream it lands before any copy enqueued after it: the new
-        expert's copy into the same slot, a promotion's copy out of the same row."""
+        """Enqueue a copy of slot memory `src` into pinned `dst` on `down` (a demotion)."""
         assert dst.nbytes == src.nbytes
         self._check("cuMemcpyDtoHAsync_v2", self._cu.cuMemcpyDtoHAsync_v2(
-            address(dst), address(src), dst.nbytes, self._stream))
+            address(dst), address(src), dst.nbytes, self._down))
 
-    def synchronize(self) -> None:
-        """Every enqueued copy has landed: call before an evaluation reads the slots."""
-        self._check("cuStreamSynchronize", self._cu.cuStreamSynchronize(self._stream))
+    def wait(self, keys, down: bool) -> None:
+        """The stream's next copies start after the copies last marked under `keys`."""
+        stream = self._down if down else self._up
+        for key in keys:
+            ev = self._marks.get(key)
+            if ev is not None:
+                self._check("cuStreamWaitEvent", self._cu.cuStreamWaitEvent(stream, ev, 0))
+
+    def mark(self, keys, down: bool) -> None:
+        """Record that the stream's copies enqueued so far are what `keys` wait for."""
+        if not self._spare and len(self._all_events) >= EVENT_CAP:
+            self.synchronize()  # every event completes: all can be recorded again
+        ev = self._spare.pop() if self._spare else self._new_event()
+        self._check("cuEventRecord", self._cu.cuEventRecord(ev, self._down if down else self._up))
+        for key in keys:
+            self._marks[key] = ev
+
+    def synchronize(self, down: bool = True) -> None:
+        """Every enqueued host-to-device copy (and, with down, every demotion) has landed:
+        call before an evaluation reads the slots."""
+        self._check("cuStreamSynchronize", self._cu.cuStreamSynchronize(self._up))
+        if down:
+            self._check("cuStreamSynchronize", self._cu.cuStreamSynchronize(self._down))
+            self._spare = list(self._all_events)  # every recorded event has completed
+            self._marks.clear()
 
     def close(self) -> None:
         if self._pinned:
@@ -98,6 +134,15 @@ class CudaCopy:
         for p in self._pinned:
             self._cu.cuMemFreeHost(p)
         self._pinned = []
+        for ev in self._all_events:
+            self._cu.cuEventDestroy_v2(ev)
+        self._all_events, self._spare = [], []
+
+    def _new_event(self) -> C.c_void_p:
+        ev = C.c_void_p()
+        self._check("cuEventCreate", self._cu.cuEventCreate(C.byref(ev), EVENT_DISABLE_TIMING))
+        self._all_events.append(ev)
+        return ev
 
     def _check(self, name: str, rc: int) -> None:
         if rc != 0:

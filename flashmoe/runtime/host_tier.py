@@ -40,8 +40,9 @@ class HostTier:
     def __contains__(self, key: Key) -> bool:
         return key in self._table
 
-    def demote(self, key: Key, views: list[np.ndarray]) -> None:
-        """Keep a copy of an expert leaving the slots (`views`: its parts' file bytes)."""
+    def demote(self, key: Key, views: list[np.ndarray], slot: tuple = ()) -> None:
+        """Keep a copy of an expert leaving the slots (`views`: its parts' file bytes; `slot`
+        names the slot for the CUDA copy ordering)."""
         if self.n == 0:
             return
         if key in self._table:  # cannot happen with exclusive tiers; stay correct anyway
@@ -52,12 +53,16 @@ class HostTier:
             self.dropped += 1
         row = self._free.pop()
         dst = self._rows[row]
+        cuda = self._cuda
+        if cuda is not None:  # after the slot's last fill and the row's last promotion
+            cuda.wait([("fill", *slot), ("rr", id(self), row)], down=True)
         for v, a, b in zip(views, self._cuts, self._cuts[1:]):
-            if self._cuda is not None:  # enqueued behind the row's and the slot's earlier
-                # copies, ahead of the slot's next one: no wait, no page migration
-                self._cuda.to_host_async(dst[a:b], v.reshape(-1))
+            if cuda is not None:  # the down stream: no wait here, no page migration
+                cuda.to_host_async(dst[a:b], v.reshape(-1))
             else:
                 dst[a:b] = v.reshape(-1)
+        if cuda is not None:  # the slot's next fill and the row's promotion wait for this
+            cuda.mark([("drain", *slot), ("rw", id(self), row)], down=True)
         self._table[key] = row
         self.demoted += 1
 
@@ -66,21 +71,29 @@ class HostTier:
         (a demotion in between must not overwrite it) until copy_back()."""
         return self._table.pop(key)
 
-    def promote(self, key: Key, views: list[np.ndarray]) -> None:
-        self.copy_back(self.take(key), views)
+    def promote(self, key: Key, views: list[np.ndarray], slot: tuple = ()) -> None:
+        self.copy_back(self.take(key), views, slot)
 
-    def copy_back(self, row: int, views: list[np.ndarray]) -> None:
+    def copy_back(self, row: int, views: list[np.ndarray], slot: tuple = ()) -> None:
         """Copy a taken row into its new slot's `views` and free the row. On CUDA the copy is
-        enqueued: synchronise before reading the slot (all copies share one stream, so a
-        later demotion into this row waits for it)."""
-        src = self._rows[row]
+        enqueued (after the slot's drain and the row's demotion; a later demotion into the
+        row waits for it): synchronise before reading the slot."""
+        src, cuda = self._rows[row], self._cuda
+        if cuda is not None:
+            cuda.wait([("drain", *slot), ("rw", id(self), row)], down=False)
         for v, a, b in zip(views, self._cuts, self._cuts[1:]):
-            if self._cuda is not None:
-                self._cuda.to_device(v.reshape(-1), src[a:b])
+            if cuda is not None:
+                cuda.to_device(v.reshape(-1), src[a:b])
             else:
                 v.reshape(-1)[:] = src[a:b]
+        if cuda is not None:
+            cuda.mark([("fill", *slot), ("rr", id(self), row)], down=False)
         self._free.append(row)
         self.hits += 1
+
+    def without_cuda(self) -> None:
+        """Copy with numpy (a pool whose slots are not read through the CUDA path)."""
+        self._cuda = None
 
     def clear(self) -> None:
         self._free.extend(self._table.values())

@@ -191,11 +191,12 @@ class SlotPool:
         of this grant can overwrite the slot."""
         old, host = self._owner[s], self.host
         row = host.take(key) if host is not None and key in host else None
+        slot = (id(self), s)  # the CUDA copy path orders copies by slot and row
         if host is not None and old is not None:  # after take: a full tier drops another
-            host.demote(old, self.store.views(s))
+            host.demote(old, self.store.views(s), slot)
         self._assign(s, key)
         if row is not None:
-            host.copy_back(row, self.store.views(s))
+            host.copy_back(row, self.store.views(s), slot)
             return True
         return False
 

@@ -95,7 +95,7 @@ class ExpertFetchStage:
         misses = list(grant.misses)
         for i in range(0, len(misses), staging.rows):
             group = misses[i:i + staging.rows]
-            pool.cuda.synchronize()  # the rows' previous copies have landed
+            pool.cuda.synchronize(down=False)  # the staging rows' previous copies have landed
             rows = [self._row_jobs(layer, pool, staging, r, e) for r, (e, _) in enumerate(group)]
             if observer is not None:
                 observer.expert_reads(layer, [(j.fd, j.offset, j.nbytes)
@@ -108,7 +108,9 @@ class ExpertFetchStage:
             if errors:
                 raise errors[0]
             nbytes += sum(done)
-        pool.cuda.synchronize()  # also the host tier's promotions (MLX cannot wait on them)
+        # every fill of these slots, promotions included (MLX cannot wait on them); demotions
+        # go on in the background, ordered before the next fill of their slots
+        pool.cuda.synchronize(down=False)
         return nbytes, (time.perf_counter() - t0) * 1e3 if misses else 0.0
 
     def _row_jobs(self, layer: int, pool: SlotPool, staging: PinnedStaging, row: int,
@@ -123,8 +125,11 @@ class ExpertFetchStage:
     async def _read_row(self, pool: SlotPool, staging: PinnedStaging, row: int, slot: int,
                         jobs: list[ReadJob]) -> int:
         got, _ = await self.io.read(jobs)
+        key = (id(pool), slot)
+        pool.cuda.wait([("drain", *key)], down=False)  # its old expert's demotion first
         for src, dst in zip(staging.views(row), pool.store.views(slot)):
             pool.cuda.to_device(dst, src)
+        pool.cuda.mark([("fill", *key)], down=False)
         return got
 
     def _bounce_for(self, pool: SlotPool, parts) -> DirectBounce:
