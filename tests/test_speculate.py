@@ -73,9 +73,9 @@ async def test_fewer_evaluations_per_token_stay_exact(tiny, every, monkeypatch):
 
 async def test_a_wrong_slot_table_is_caught(tiny, monkeypatch):
     """One expert of one layer served from another expert's slot: the trace must differ."""
-    real = Speculator._token
+    real = Speculator._step
 
-    def swapped(self, x0, attend, where, all_logits):
+    def swapped(self, x0, attend, where, *rest):
         w = dict(where)
         layer = min(w)
         table = w[layer].copy()
@@ -83,9 +83,9 @@ async def test_a_wrong_slot_table_is_caught(tiny, monkeypatch):
         if len(held) >= 2:
             table[held[0]], table[held[1]] = table[held[1]], table[held[0]]
         w[layer] = table
-        return real(self, x0, attend, w, all_logits)
+        return real(self, x0, attend, w, *rest)
 
-    monkeypatch.setattr(Speculator, "_token", swapped)
+    monkeypatch.setattr(Speculator, "_step", swapped)
     path = tiny("qwen3_moe")
     ref = mlx_lm_trace(path, PROMPT, STEPS)
     got, _ = await flashmoe_trace(path, PROMPT, STEPS, cache_budget_gb=1.0)

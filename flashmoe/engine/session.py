@@ -73,15 +73,20 @@ class Session:
         """Forget the context (a fresh KV cache); totals keep running."""
         self.cache = self.model.new_cache()
 
-    async def step(self, ids: Sequence[int],
-                   stats: StepStats | None = None) -> tuple[int, StepStats]:
-        """Run `ids` after the context and sample the next token."""
+    async def step(self, ids: Sequence[int], stats: StepStats | None = None,
+                   lookahead: bool = False) -> tuple[int, StepStats]:
+        """Run `ids` after the context and sample the next token. lookahead: another decode
+        step follows (generate's), so a whole-token step may start it before this one is
+        checked (stages/speculate.py, Ahead)."""
         stats = stats or StepStats()
         state = self._state(self.cache, stats)
         state.speculate = self.warm
+        if getattr(self.sampler, "pure", False):  # greedy: sampled in the step's own trip
+            state.sampler, state.lookahead = self.sampler, lookahead
         async with self.model.step_lock:
             logits = await self.model.pipeline.forward(list(ids), state)
-            tok = await self.model.pipeline.sample(logits, self.sampler, stats)
+            tok = state.token if state.token is not None else \
+                await self.model.pipeline.sample(logits, self.sampler, stats)
         self.warm = stats.read_nothing
         return tok, stats
 
@@ -113,7 +118,7 @@ class Session:
             stats = StepStats()
             if n == 0:
                 await self.prefill(ids, stats)
-            tok, stats = await self.step(ids[-1:], stats)
+            tok, stats = await self.step(ids[-1:], stats, lookahead=n + 1 < max_tokens)
             self.totals.add(n == 0, len(ids), time.perf_counter() - t0, stats)
             yield TokenEvent(tok, len(prompt) + n, stats.as_dict(), time.perf_counter() - t_start)
             if tok in stop:

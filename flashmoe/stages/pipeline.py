@@ -47,6 +47,11 @@ class StepState:
     pending: list[tuple[SlotPool, SlotGrant]] = field(default_factory=list)  # not yet evaluated
     prefetch: Prefetcher | None = None
     speculate: bool = False  # a decode step may try the whole token at once (speculate.py)
+    # a pure (greedy) sampler: a whole-token step samples in its own trip, and with lookahead
+    # also builds and starts the next step before checking this one (speculate.Ahead)
+    sampler: Callable[[mx.array], mx.array] | None = None
+    lookahead: bool = False
+    token: int | None = None  # set when the step sampled its token itself
 
 
 class Pipeline:
@@ -85,13 +90,24 @@ class Pipeline:
         prefill evaluates only the cache states; the last layer's experts are not needed."""
         if self.proxied is not None:
             return await self.proxied.forward(ids, step, all_logits, head)
-        x0, masks = await self.worker.build(self._inputs, ids, step.cache)
-        attend = lambda i, layer, x_fn: partial(  # noqa: E731 - layer i's attention builder
-            self.attention.build, i, layer, x_fn, masks[i], step.cache[i])
+        speculates = self.speculates(step, len(ids), step.cache)
+        ahead = None
+        if self.speculator is not None:  # the step the last one started, or undo it
+            ahead = self.speculator.take(step.cache, ids) if speculates and not all_logits \
+                else self.speculator.settle(step.cache)
+        if ahead is None:
+            x0, masks = await self.worker.build(self._inputs, ids, step.cache)
+        else:
+            x0, masks = None, ahead.masks
+        attend = self._attend(masks, step.cache)
         start = 0
-        if self.speculates(step, len(ids), step.cache):
-            got = await self.speculator(step, x0, attend, [[c] for c in step.cache], all_logits)
+        if speculates:
+            pure = step.sampler if not all_logits else None
+            got = await self.speculator(
+                step, x0, attend, [[c] for c in step.cache], all_logits, ahead, pure,
+                partial(self._next_inputs, step.cache) if pure and step.lookahead else None)
             if got.logits is not None:
+                step.token = got.token
                 return got.logits
             start, x0 = got.layer, got.x
         if self.prefetch and len(ids) == 1:
@@ -226,6 +242,19 @@ class Pipeline:
     def _dense(self, layer: nn.Module, att_fn: Callable[[], Attended]) -> mx.array:
         att = att_fn()
         return att.h + self.r.family.dense_mlp(layer, att.xn)
+
+    def _attend(self, masks: list[Any], cache: list[Any]) -> Callable:
+        """attend(i, layer, x_fn): a builder of layer i's Attended with this step's masks."""
+        return lambda i, layer, x_fn: partial(
+            self.attention.build, i, layer, x_fn, masks[i], cache[i])
+
+    def _next_inputs(self, cache: list[Any], y: mx.array) -> tuple[mx.array, Callable, list]:
+        """The next decode step's inputs from its token still on the device (MLX thread):
+        what _inputs gives for [y] once this step's cache updates are in."""
+        x0 = self.r.family.embed(self.r.model, y.reshape(1, 1))
+        x0 = x0 if self.dtype is None else x0.astype(self.dtype)
+        masks = self.r.family.masks(self.r.model, x0, cache)
+        return x0, self._attend(masks, cache), masks
 
     def _inputs(self, ids: list[int], cache: list[Any]) -> tuple[mx.array, list[Any]]:
         x0 = self._embed(ids)

@@ -14,10 +14,14 @@ Sampler = Callable[[mx.array], mx.array]
 
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0) -> Sampler:
-    """mlx-lm's own sampler (greedy argmax when temperature is 0)."""
+    """mlx-lm's own sampler (greedy argmax when temperature is 0: marked `pure`, it draws no
+    random numbers, so a step may sample before it knows it will keep the token)."""
     from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
 
-    return mlx_lm_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    sampler = mlx_lm_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    if temperature == 0:
+        sampler.pure = True
+    return sampler
 
 
 class SamplingStage:

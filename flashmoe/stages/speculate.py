@@ -42,6 +42,25 @@ class Outcome:
     logits: mx.array | None
     layer: int = 0
     x: mx.array | None = None  # that layer's input, evaluated
+    token: int | None = None  # the step's sampled token, when the step sampled (lookahead)
+
+
+@dataclass(slots=True)
+class Ahead:
+    """The next decode step, built from this step's sampled token (still on the device) and
+    started before this step's routing was checked, as mlx-lm's generate_step starts token
+    t+1 before reading t back. Used by the next step when it decodes exactly that token on
+    the same caches with the same slot tables; otherwise its cache updates are undone."""
+
+    caches: list  # every layer's cache objects (as the step's `caches`)
+    value: int  # the token it was built from
+    versions: tuple  # the slot tables it was built with
+    saved: list  # every layer's cache state before it was built
+    masks: list  # its attention masks (the per-layer path needs them after a miss)
+    logits: mx.array
+    inds: dict
+    xs: list
+    owner: Any = None  # the session's cache list (identity): whose step this is
 
 
 class Speculator:
@@ -56,22 +75,60 @@ class Speculator:
         # the device computes while the host builds the next layers (0: the token in one
         # evaluation). Per backend: see EVAL_EVERY.
         self.eval_every = EVAL_EVERY.get(getattr(pipeline.worker, "device", "cpu"), 1)
+        self.ahead: Ahead | None = None  # the next decode step, started (lookahead)
+
+    def take(self, caches: list[Any], ids: list[int]) -> Ahead | None:
+        """The step built ahead for this decode of `ids` on these caches, or None. One ahead
+        step at most, of one session: any other use of the model undoes it first (its
+        cache updates rolled back; its device work, if still running, is simply unused)."""
+        a, self.ahead = self.ahead, None
+        if a is None:
+            return None
+        if a.owner is caches and ids == [a.value] and a.versions == self._versions():
+            return a
+        self.discard(a)
+        return None
+
+    def settle(self, caches: list[Any] | None = None) -> None:
+        """Undo the ahead step, if any: something else than its own decode comes next."""
+        a, self.ahead = self.ahead, None
+        if a is not None:
+            self.discard(a)
+
+    @staticmethod
+    def discard(a: Ahead) -> None:
+        for layer, snaps in zip(a.caches, a.saved):
+            for c, snap in zip(layer, snaps):
+                _restore(c, snap)
+
+    def _versions(self) -> tuple:
+        pools = self.p.fetch.pools
+        return tuple((id(pools[i]), pools[i].changes.get(i, 0)) for i in self.moe)
 
     def usable(self, caches: list[Any]) -> bool:
         """Only caches whose step can be undone (mlx-lm's KVCache, ArraysCache), and pools
         that keep experts between steps."""
         return self.keeps and all(type(c) in ROLLBACK for c in caches)
 
-    async def __call__(self, step: Any, x0: mx.array, attend: Attend,
-                       caches: list[list[Any]], all_logits: bool = False) -> Outcome:
+    async def __call__(self, step: Any, x0: mx.array | None, attend: Attend,
+                       caches: list[list[Any]], all_logits: bool = False,
+                       ahead: Ahead | None = None, sampler: Callable | None = None,
+                       next_inputs: Callable | None = None) -> Outcome:
         """attend(i, layer, x_fn) -> a builder of layer i's Attended (Pipeline.through_layers'
         argument); caches[i]: every cache object layer i's attention updates (one per
-        sequence), put back as they were if the layer has to run again."""
+        sequence), put back as they were if the layer has to run again. `ahead`: this step,
+        already built by the last one. `sampler` (pure: greedy) samples in the same trip;
+        with `next_inputs(y) -> (x0, attend, masks)` the next step is built and started
+        before this one's routing is checked (Ahead)."""
         stats = step.stats
+        if ahead is None:
+            self.settle()  # a batched step (pipeline.forward settled already)
         t0 = time.perf_counter()
         where = {i: self.p.fetch.pools[i].where(i, self.num_experts) for i in self.moe}
-        saved = [[_snapshot(c) for c in layer] for layer in caches]
-        logits, routed, xs = await self.p.worker.run(self._token, x0, attend, where, all_logits)
+        saved = ahead.saved if ahead is not None else \
+            [[_snapshot(c) for c in layer] for layer in caches]
+        logits, routed, xs, token, nxt = await self.p.worker.run(
+            self._step, x0, attend, where, all_logits, ahead, sampler, next_inputs, caches)
         t1 = time.perf_counter()
         first = len(self.p.layers)  # the first layer that routed outside the slots
         for i, inds in routed.items():
@@ -83,20 +140,62 @@ class Speculator:
         stats.route_host_ms += (time.perf_counter() - t1) * 1e3
         served = sum(1 for i in self.moe if i < first)
         stats.extra["speculated_layers"] = stats.extra.get("speculated_layers", 0) + served
+        if ahead is not None:
+            stats.extra["built_ahead"] = 1  # this step was built and started by the last one
         if first == len(self.p.layers):
-            return Outcome(logits)
+            if nxt is not None:
+                nxt.owner, self.ahead = step.cache, nxt
+            return Outcome(logits, token=token)
+        if nxt is not None:
+            self.discard(nxt)  # back to this step's state, then its layers first.. as before
         for layer, snaps in zip(caches[first:], saved[first:]):
             for c, snap in zip(layer, snaps):
                 _restore(c, snap)
         stats.extra["speculation_missed_at"] = first
         return Outcome(None, first, xs[first])
 
-    def _token(self, x0: mx.array, attend: Attend, where: dict[int, np.ndarray],
-               all_logits: bool
-               ) -> tuple[mx.array, dict[int, np.ndarray], list[mx.array]]:
-        """Every layer and the head in one graph, evaluated with the routing (MLX thread)."""
-        p, fam = self.p, self.p.r.family
+    def _step(self, x0: mx.array | None, attend: Attend, where: dict[int, np.ndarray],
+              all_logits: bool, ahead: Ahead | None, sampler: Callable | None,
+              next_inputs: Callable | None, caches: list
+              ) -> tuple[mx.array, dict[int, np.ndarray], list[mx.array], int | None,
+                         Ahead | None]:
+        """This token (built now, or by the last step), its sampled token, the next step
+        started (MLX thread); then this token and its routing evaluated in one trip."""
         tables = {i: self._table(i, w) for i, w in where.items()}
+        if ahead is None:
+            logits, inds, xs = self._token(x0, attend, tables, all_logits)
+        else:
+            logits, inds, xs = ahead.logits, ahead.inds, ahead.xs
+        y = nxt = None
+        if sampler is not None:
+            last = logits[:, -1, :]
+            y = sampler(last - mx.logsumexp(last, axis=-1, keepdims=True))
+            if next_inputs is not None:
+                nxt = self._ahead(y, next_inputs, tables, caches)
+        order = list(inds)
+        flat = mx.concatenate([inds[i].reshape(-1) for i in order]) if order else None
+        mx.eval(logits, *xs, *([flat] if flat is not None else []), *([y] if y is not None else []))
+        routed = {}
+        if flat is not None:
+            host = np.array(flat).reshape(len(order), -1)
+            routed = {i: host[n] for n, i in enumerate(order)}
+        token = None
+        if y is not None:
+            token = int(y.reshape(-1)[0].item())
+            if nxt is not None:
+                nxt.value = token
+        return logits, routed, xs, token, nxt
+
+    def _ahead(self, y: mx.array, next_inputs: Callable, tables: dict, caches: list) -> Ahead:
+        saved = [[_snapshot(c) for c in layer] for layer in caches]
+        x0, attend, masks = next_inputs(y)
+        logits, inds, xs = self._token(x0, attend, tables, False)
+        return Ahead(caches, -1, self._versions(), saved, masks, logits, inds, xs)
+
+    def _token(self, x0: mx.array, attend: Attend, tables: dict[int, mx.array],
+               all_logits: bool) -> tuple[mx.array, dict[int, mx.array], list[mx.array]]:
+        """Every layer and the head as one graph, each MoE layer started as it is built."""
+        p, fam = self.p, self.p.r.family
         x, xs, inds, every = x0, [], {}, self.eval_every
         for i, layer in enumerate(p.layers):
             xs.append(x)
@@ -111,15 +210,7 @@ class Speculator:
                                  block.switch_mlp.activation)
             if every and len(inds) % every == 0:
                 mx.async_eval(x)  # the device runs this layer while the host builds the next
-        logits = p._head(x, all_logits)
-        order = list(inds)
-        flat = mx.concatenate([inds[i].reshape(-1) for i in order]) if order else None
-        mx.eval(logits, *xs, *([flat] if flat is not None else []))
-        routed = {}
-        if flat is not None:
-            host = np.array(flat).reshape(len(order), -1)
-            routed = {i: host[n] for n, i in enumerate(order)}
-        return logits, routed, xs
+        return p._head(x, all_logits), inds, xs
 
     def _table(self, layer: int, where: np.ndarray) -> mx.array:
         """The layer's device-side expert -> slot table (uint32, like the per-layer path's
