@@ -146,3 +146,19 @@ async def test_a_step_of_another_token_undoes_the_step_built_ahead(tiny, monkeyp
     for i, (a, b) in enumerate(zip(ref, seen)):
         assert np.array_equal(a, b), f"step {i}: logits differ by {np.abs(a - b).max():.3g}"
     assert len(seen) == len(ref)
+
+
+@pytest.mark.parametrize("family, slots", [("qwen3_5_moe", 60), ("mixtral", 40)])
+async def test_a_step_built_ahead_that_misses_goes_on_layer_by_layer(tiny, family, slots,
+                                                                     monkeypatch):
+    """Pools that hold most of a token's experts: steps are built ahead and then, when used,
+    route outside the slots part-way, rolling back to the state the last step left."""
+    monkeypatch.setattr(Session, "warm", property(lambda self: True, lambda self, v: None),
+                        raising=False)
+    path = tiny(family)
+    ref = mlx_lm_trace(path, PROMPT, STEPS)
+    got, engine = await greedy_trace(path, monkeypatch, cache_budget_gb=budget_for(path, slots))
+    assert_exact(ref, got)
+    both = sum(1 for s in engine.totals.steps
+               if s.extra.get("built_ahead") and "speculation_missed_at" in s.extra)
+    assert both >= 2, f"only {both} steps built ahead then missed: the path was not tested"
