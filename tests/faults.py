@@ -75,7 +75,11 @@ class Injector:
 
     def applies(self, layer: int, main_only: bool = True) -> bool:
         f = self.fault
-        if main_only and asyncio.current_task() is not self.main:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # the MLX thread: a forward's cached layers (stages/cached_run.py)
+            task = self.main
+        if main_only and task is not self.main:
             return False
         once = f.layer is not None and f.step is not None
         return (f.layer in (None, layer) and f.step in (None, self.step)

@@ -39,6 +39,8 @@ CHECKS: list[tuple[str, dict, int | None, Callable | None]] = [
     ("prefetch+slow", {"prefetch": True, "io_split": 2}, 2, poison_on_release),
     # every expert fits: decode steps run as whole-token trips (stages/speculate.py)
     ("lru-all", {"cache_budget_gb": 1.0}, None, None),
+    # the same with greedy sampling: each whole-token step also builds the next one ahead
+    ("lru-all+ahead", {"cache_budget_gb": 1.0, "greedy": True}, None, None),
 ]
 
 

@@ -56,11 +56,14 @@ def mlx_lm_trace(path: Path, prompt: Sequence[int], n: int, upcast: bool = False
 
 
 async def flashmoe_trace(path: Path, prompt: Sequence[int], n: int,
-                         setup: Callable[[Engine], Any] | None = None,
+                         setup: Callable[[Engine], Any] | None = None, greedy: bool = False,
                          **opts: Any) -> tuple[Trace, Engine]:
     """flashmoe on the same checkpoint: `engine.logits(prompt)` in a fresh cache, then
     `engine.generate` with a sampler that records what it sees. `setup(engine)` runs right
-    after open (fault injection, hostile slot pools). Returns the closed engine too."""
+    after open (fault injection, hostile slot pools). greedy: the default (pure) sampler
+    instead, so whole-token steps sample in their own trip and build the next step ahead;
+    each decode step's logits are recorded as the pipeline returns them. Returns the closed
+    engine too."""
     opts.setdefault("device", os.environ.get("FLASHMOE_TEST_DEVICE", "cpu"))
     engine = await Engine.open(path, EngineOptions(**opts), tokenizer=False)
     seen: list[np.ndarray] = []
@@ -69,14 +72,36 @@ async def flashmoe_trace(path: Path, prompt: Sequence[int], n: int,
         seen.append(np.array(logprobs.astype(mx.float32)).reshape(-1))
         return mx.argmax(logprobs, axis=-1)
 
+    if greedy:
+        _record_forward(engine, seen)
     try:
         if setup is not None:
             setup(engine)
         prompt_logits = await engine.logits(list(prompt))
-        tokens = [ev.token_id async for ev in engine.generate(list(prompt), n, sampler=recording)]
+        seen.clear()
+        tokens = [ev.token_id async for ev in engine.generate(
+            list(prompt), n, sampler=None if greedy else recording)]
     finally:
         await engine.aclose()
     return Trace(prompt_logits, tokens, seen), engine
+
+
+def _record_forward(engine: Engine, seen: list[np.ndarray]) -> None:
+    """Record every decode step's log-probabilities (as mlx-lm's sampler gets them) from
+    what the engine's pipeline returns, on the MLX thread."""
+    pipeline = engine.pipeline
+    forward = pipeline.forward
+
+    async def recording(ids, step, all_logits=False, head=True):
+        out = await forward(ids, step, all_logits, head)
+        if out is not None and not all_logits:
+            def logprobs(out=out):
+                last = out[:, -1, :]
+                return ((last - mx.logsumexp(last, axis=-1, keepdims=True)).astype(mx.float32),)
+            seen.append((await pipeline.worker.numpy(logprobs))[0].reshape(-1))
+        return out
+
+    pipeline.forward = recording
 
 
 def first_difference(ref: Trace, got: Trace) -> str | None:

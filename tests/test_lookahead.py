@@ -10,7 +10,7 @@ import pytest
 from flashmoe.engine import Engine, EngineOptions
 from flashmoe.engine.session import Session
 from flashmoe.stages.pipeline import Pipeline
-from tests.parity import Trace, assert_exact, budget_for, mlx_lm_trace
+from tests.parity import Trace, assert_exact, budget_for, flashmoe_trace, mlx_lm_trace
 
 FAMILIES = ["qwen3_5_moe", "qwen3_next", "qwen3_moe", "mixtral", "qwen2_moe"]
 PROMPT = [5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150]
@@ -20,28 +20,7 @@ STEPS = 24
 async def greedy_trace(path, monkeypatch, n: int = STEPS, **opts) -> tuple[Trace, Engine]:
     """The default (greedy, pure) sampler, so steps sample in their own trip and look ahead;
     every decode step's log-probabilities recorded as mlx-lm's sampler sees them."""
-    seen: list[np.ndarray] = []
-    real = Pipeline.forward
-
-    async def recording(self, ids, step, all_logits=False, head=True):
-        out = await real(self, ids, step, all_logits, head)
-        if out is not None and not all_logits:
-            def logprobs(out=out):
-                last = out[:, -1, :]
-                return ((last - mx.logsumexp(last, axis=-1, keepdims=True)).astype(mx.float32),)
-            (lp,) = await self.worker.numpy(logprobs)
-            seen.append(lp.reshape(-1))
-        return out
-
-    monkeypatch.setattr(Pipeline, "forward", recording)
-    engine = await Engine.open(path, EngineOptions(device="cpu", **opts), tokenizer=False)
-    try:
-        prompt_logits = await engine.logits(PROMPT)
-        seen.clear()
-        tokens = [ev.token_id async for ev in engine.generate(PROMPT, n)]
-    finally:
-        await engine.aclose()
-    return Trace(prompt_logits, tokens, seen), engine
+    return await flashmoe_trace(path, PROMPT, n, greedy=True, **opts)
 
 
 def _ahead_steps(engine) -> tuple[int, int]:
