@@ -34,6 +34,7 @@ def digest(run: Path) -> str:
             steps=len(steps),
             speculated_layers=sum(s.get("speculated_layers", 0) for s in steps),
             rolled_back=sum("speculation_missed_at" in s for s in steps),
+            built_ahead=sum(s.get("built_ahead", 0) for s in steps),
             host_hits=sum(s.get("experts_host_hit", 0) for s in steps),
             experts_fetched=sum(s.get("experts_fetched", 0) for s in steps),
             device_trip_ms_median=round(statistics.median(
