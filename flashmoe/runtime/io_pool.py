@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -63,14 +63,17 @@ class ReadJob:
     dest: np.ndarray  # 1-D uint8 view into a slot array
     what: str | ReadLabel  # for messages: "layer 3 expert 17 down_proj.weight (file)"
     more: tuple[np.ndarray, ...] = ()  # the file bytes right after dest's, in order
+    nbytes: int = field(init=False, repr=False, compare=False)  # bytes to read, all views
+
+    def __post_init__(self) -> None:  # asked for several times per read: computed once
+        n = self.dest.nbytes
+        for v in self.more:
+            n += v.nbytes
+        object.__setattr__(self, "nbytes", n)
 
     @property
     def views(self) -> list[np.ndarray]:
         return [self.dest, *self.more]
-
-    @property
-    def nbytes(self) -> int:
-        return self.dest.nbytes + sum(v.nbytes for v in self.more)
 
 
 def coalesce(jobs: list[ReadJob], limit: int | None = None) -> list[ReadJob]:
