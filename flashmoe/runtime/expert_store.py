@@ -80,6 +80,7 @@ class ExpertStore:
     def __init__(self, layers: dict[int, LayerExperts], packed: dict | None = None,
                  direct: bool = False, readahead: bool = False) -> None:
         self.layers, self.packed, self.direct = layers, packed, direct
+        self._ranges: dict[tuple[int, int], tuple[ByteRange, ...]] = {}
         if packed:
             files = sorted({pl.file for pl in packed.values()})
         else:
@@ -99,8 +100,16 @@ class ExpertStore:
             os.close(fd)
         self.fds, self.direct_fds = [], []
 
-    def ranges(self, layer: int, expert: int) -> list[ByteRange]:
-        """The expert's bytes, one range per part, in `parts` order."""
+    def ranges(self, layer: int, expert: int) -> tuple[ByteRange, ...]:
+        """The expert's bytes, one range per part, in `parts` order (worked out once per
+        expert: a fetch asks for every miss's ranges)."""
+        key = (layer, expert)
+        got = self._ranges.get(key)
+        if got is None:
+            got = self._ranges[key] = tuple(self._locate(layer, expert))
+        return got
+
+    def _locate(self, layer: int, expert: int) -> list[ByteRange]:
         le = self.layers[layer]
         if self.packed:
             pl = self.packed[layer]
