@@ -22,7 +22,7 @@ LIBCUDA = "libcuda.so.1"
 SYMBOLS = ("cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent",
            "cuStreamCreate", "cuStreamSynchronize", "cuMemHostAlloc", "cuMemFreeHost",
            "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoH_v2", "cuMemcpyDtoHAsync_v2", "cuEventCreate",
-           "cuEventRecord", "cuStreamWaitEvent", "cuEventDestroy_v2")
+           "cuEventRecord", "cuStreamWaitEvent")
 EVENT_DISABLE_TIMING = 0x2
 EVENT_CAP = 4096  # events recorded between full synchronisations before one is forced
 Loader = Callable[[str], object]  # ctypes.CDLL, or a fake in tests
@@ -58,7 +58,9 @@ class CudaCopy:
         lib.cuEventCreate.argtypes = [C.POINTER(vp), C.c_uint]
         lib.cuEventRecord.argtypes = [vp, vp]
         lib.cuStreamWaitEvent.argtypes = [vp, vp, C.c_uint]
-        lib.cuEventDestroy_v2.argtypes = [vp]
+        # events are only freed at close: either name will do (cuda.h maps one to the other)
+        self._destroy = getattr(lib, "cuEventDestroy_v2", None) or getattr(lib, "cuEventDestroy",
+                                                                           None)
         self._check("cuInit", lib.cuInit(0))
         dev, ctx = C.c_int(), C.c_void_p()
         self._check("cuDeviceGet", lib.cuDeviceGet(C.byref(dev), 0))
@@ -134,8 +136,8 @@ class CudaCopy:
         for p in self._pinned:
             self._cu.cuMemFreeHost(p)
         self._pinned = []
-        for ev in self._all_events:
-            self._cu.cuEventDestroy_v2(ev)
+        for ev in self._all_events if self._destroy is not None else ():
+            self._destroy(ev)
         self._all_events, self._spare = [], []
 
     def _new_event(self) -> C.c_void_p:
