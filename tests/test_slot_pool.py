@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import random
+import resource
+import sys
 from collections import OrderedDict
 
 import mlx.core as mx
 import pytest
 
 from flashmoe.runtime.expert_store import LayerExperts, PartSpec
-from flashmoe.runtime.slot_pool import SlotPool
+from flashmoe.runtime.slot_pool import SlotArrays, SlotPool
 
 
 def tiny_spec() -> LayerExperts:
@@ -161,3 +163,19 @@ def test_touch_leaves_what_a_grant_and_release_leave(policy: str, seed: int) -> 
             b.release(gb)
         assert (a.hits, a.misses, a.free_slots()) == (b.hits, b.misses, b.free_slots())
     assert touched > 10
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="minor-fault counts as Linux reports them")
+def test_upcast_staging_is_resident_before_the_first_read() -> None:
+    """A staged part (bf16 scales read for f32 slots) lands in memory already written: a page
+    first touched by a pread faults inside it (the cold read path's CPU, BENCHMARKS.md)."""
+    part = PartSpec("gate_proj.scales", (64, 512), mx.bfloat16, 64 * 512 * 2)
+    arrays = SlotArrays(LayerExperts(0, 64, (part,), (), ()), 64, upcast=True)
+    rows = [arrays.views(s)[0] for s in range(64)]
+    assert rows[0].nbytes == part.nbytes  # the staging row, not the f32 slot
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for row in rows:
+        row[:] = 7  # as a pread's copy would
+    faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+    pages = 64 * part.nbytes // 4096
+    assert faults < pages // 4, f"{faults} page faults writing {pages} staged pages"

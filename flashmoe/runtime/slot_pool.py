@@ -37,6 +37,15 @@ def _f16_to_f32(src: np.ndarray, dst: np.ndarray) -> None:
 UPCAST = {mx.bfloat16: _bf16_to_f32, mx.float16: _f16_to_f32}
 
 
+def _resident(shape: tuple[int, int]) -> np.ndarray:
+    """Zeroed bytes whose pages are written now, as mx.zeros' are. np.zeros' untouched pages
+    would each fault inside the pread that first fills them: on the 2-core box that doubled
+    the CPU time of a cold 131 KB scales read (BENCHMARKS.md, read path 2026-12-01)."""
+    out = np.empty(shape, dtype=np.uint8)
+    out.fill(0)
+    return out
+
+
 class SlotArrays:
     """[n, ...] arrays per expert part in the kernel's dtype, plus writable byte views.
 
@@ -53,7 +62,7 @@ class SlotArrays:
         # numpy cannot name); preads land directly in the arrays the kernels read
         self._bytes = [np.frombuffer(memoryview(self.arrays[p.key]).cast("B"), dtype=np.uint8)
                        .reshape(n, -1) for p in spec.parts]
-        self._staging = [np.zeros((n, p.nbytes), dtype=np.uint8) if c else None
+        self._staging = [_resident((n, p.nbytes)) if c else None
                          for p, c in zip(spec.parts, self._convert)]
         self.upcasts = any(c is not None for c in self._convert)
 
