@@ -100,32 +100,3 @@ async def test_every_expert_cached_in_several_pools_is_exact(tiny, reference, mo
     assert all(s.extra.get("speculated_layers") and "speculation_missed_at" not in s.extra
                for s in steps[1:])
     assert_exact(reference(path, PROMPT, STEPS), got)
-
-
-@pytest.mark.parametrize("device", ["cpu", "gpu"])
-async def test_the_shared_expert_overlaps_the_reads_only_on_a_gpu(tiny, reference, device,
-                                                                   monkeypatch):
-    """At a miss, the shared expert is started (async_eval) while the experts are read only on
-    a GPU; on the CPU device it would compete with the reads for the cores, so it evaluates
-    with the routed experts. Either way the tokens are mlx-lm's."""
-    from flashmoe.stages import cached_run
-
-    path = tiny("qwen3_5_moe")
-    opts = dict(device="cpu", cache_budget_gb=budget_for(path, 48))
-    engine = await Engine.open(path, EngineOptions(**opts), tokenizer=False)
-    engine.pipeline.worker.device = device  # the choice follows the worker's device
-    family = engine.pipeline.r.family
-    built, started = [], []
-    shared = family.shared
-    monkeypatch.setattr(family, "shared", lambda *a: built.append(shared(*a)) or built[-1])
-    real = mx.async_eval
-    monkeypatch.setattr(cached_run.mx, "async_eval",
-                        lambda *a: (started.extend(a), real(*a))[1])
-    try:
-        tokens = [ev.token_id async for ev in engine.generate(PROMPT, STEPS)]
-    finally:
-        await engine.aclose()
-    assert built, "the tiny qwen3_5_moe has a shared expert"
-    overlapped = [x for x in built if x is not None and any(x is y for y in started)]
-    assert bool(overlapped) == (device == "gpu")
-    assert tokens == reference(path, PROMPT, STEPS).tokens

@@ -52,11 +52,7 @@ class CachedRun:
             pool = p.fetch.pools[i]
             if len(routed.experts) > pool.free_slots() or not all(
                     pool.cached(i, e) for e in routed.experts):
-                # on a GPU the shared expert computes while the experts are read; on the CPU
-                # device it would take the cores the reads' copies need (the 2-core box: 10
-                # ms of CPU per read batch, readers' run-queue wait 2x; BENCHMARKS.md, read
-                # path 2026-12-01), so it evaluates with the routed experts instead
-                if routed.shared is not None and p.worker.device == "gpu":
+                if routed.shared is not None:  # it computes while the experts are read
                     mx.async_eval(routed.shared)
                 return i, x_fn, (att, routed, block)
             grant = pool.grant(i, list(routed.experts))
