@@ -40,40 +40,6 @@ second)  # build beside tiny, then evals, in DEADLINE (default 430 s)
   DEADLINE=${DEADLINE:-430}; bash "$0" build > "$OUT/build.out" 2>&1 &
   bash "$0" tiny; wait; tail -3 "$OUT/build.out"
   DEADLINE=$(( DEADLINE - SECONDS )) bash "$0" evals ;;
-first)  # one device call: build the 13 layers while the tiny families run, then the
-  # overhead stage in what is left of DEADLINE (default 560 s)
-  DEADLINE=${DEADLINE:-560}; bash "$0" build > "$OUT/build.out" 2>&1 &
-  bash "$0" tiny; wait; tail -3 "$OUT/build.out"
-  run timeout $(left) python3 bench/host_overhead.py --tokens 32 --repeats 2 hardware=h200 \
-    model.path=$S model.experts_per_token=4 cache.budget_gb=20.8 --profile 30 \
-    | tee "$OUT/overhead.log" ;;
-evals)  # the whole-token step's evaluations per token on the GPU: once (the default there),
-  # every MoE layer, every third; host_overhead.py each (32 tokens x 2), mlx-lm once
-  for e in 0 1 3; do
-    B=--no-baseline; [ $e = 0 ] && B=
-    run timeout $(left) python3 bench/host_overhead.py --tokens 32 --repeats 2 $B \
-      --eval-every $e hardware=h200 model.path=$S model.experts_per_token=4 \
-      cache.budget_gb=20.8 | grep -v '^  \|^{' | tee -a "$OUT/evals.log"
-  done ;;
-final)  # issue 12 and 11 in one call: cached K=4 beside resident mlx-lm, the page cache through
-  # the copy path, two tiers at K=10, cold, then 1 vs 8 streams. Runs under /root/runs; one
-  # digest line per run comes back in $OUT/final.log (the device tool returns few files).
-  R=/root/runs; C="task=bench hardware=h200 model.path=$S task.check=mlx_lm task.tokens=32"
-  run timeout 180 python3 -m flashmoe $C model.experts_per_token=4 cache.budget_gb=20.8 \
-    task.baseline=mlx_lm task.repeats=2 hydra.run.dir=$R/k4_cached | tail -1
-  run timeout 70 python3 -m flashmoe $C model.experts_per_token=4 cache=none \
-    task.repeats=2 hydra.run.dir=$R/k4_none | tail -1
-  run timeout 120 python3 -m flashmoe $C model.experts_per_token=10 cache.budget_gb=26 \
-    cache.host_budget_gb=19.5 task.repeats=2 hydra.run.dir=$R/k10_tiers | tail -1
-  run timeout 60 python3 -m flashmoe task=bench hardware=h200 model.path=$S \
-    model.experts_per_token=4 cache=none task.cold=true task.tokens=16 task.repeats=1 \
-    hydra.run.dir=$R/cold | tail -1
-  python3 bench/jsonl_digest.py $R/k4_cached $R/k4_none $R/k10_tiers $R/cold | tee "$OUT/final.log"
-  run timeout $(left) python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
-    model.experts_per_token=4 cache.budget_gb=20.8 task.concurrency=1,8 \
-    task.batch_compute=per_sequence,joint task.tokens=16 task.repeats=1 task.warmup=2 \
-    hydra.sweep.dir=$R/batch | grep -c status=ok
-  python3 bench/jsonl_digest.py $R/batch/[0-9]* | tee -a "$OUT/final.log" ;;
 both)  # scale and tiny side by side (correctness only: nothing here is timed)
   CUDA_VISIBLE_DEVICES=${GPU_B:-0} bash "$0" tiny > "$OUT/tiny.out" 2>&1 &
   bash "$0" scale; wait; tail -15 "$OUT/tiny.out" ;;
@@ -115,6 +81,6 @@ task.repeats=1"
 import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())" -n 2 --backend nccl -- \
     python3 -m flashmoe $C cache.budget_gb=5 dist.backend=nccl hydra.run.dir="$OUT/r2_B" \
     | tee -a "$OUT/nccl.log" ;;
-*) echo "usage: $0 exact|dims|tiny|build|scale|both|speed|overhead|batch|nccl|first|second|evals|final ..." >&2; exit 2 ;;
+*) echo "usage: $0 exact|dims|tiny|build|scale|both|speed|overhead|batch|nccl|second|evals|final|k10 ..." >&2; exit 2 ;;
 esac
 done

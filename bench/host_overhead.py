@@ -244,7 +244,7 @@ def main() -> None:
                          "per-layer path (stages/cached_run.py) on the same cache")
     ap.add_argument("--eval-every", type=int, default=None, metavar="N",
                     help="whole-token step: async_eval every N-th MoE layer (0: once per "
-                         "token); default: the backend's (speculate.EVAL_EVERY)")
+                         "token); default: speculate.EVAL_EVERY")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print cProfile's top N functions per thread")
     args, overrides = ap.parse_known_args()

@@ -73,7 +73,7 @@ async def flashmoe_trace(path: Path, prompt: Sequence[int], n: int,
         return mx.argmax(logprobs, axis=-1)
 
     if greedy:
-        _record_forward(engine, seen)
+        record_forward(engine, seen)
     try:
         if setup is not None:
             setup(engine)
@@ -86,7 +86,7 @@ async def flashmoe_trace(path: Path, prompt: Sequence[int], n: int,
     return Trace(prompt_logits, tokens, seen), engine
 
 
-def _record_forward(engine: Engine, seen: list[np.ndarray]) -> None:
+def record_forward(engine: Engine, seen: list[np.ndarray]) -> None:
     """Record every decode step's log-probabilities (as mlx-lm's sampler gets them) from
     what the engine's pipeline returns, on the MLX thread."""
     pipeline = engine.pipeline

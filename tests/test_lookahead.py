@@ -9,15 +9,15 @@ import pytest
 
 from flashmoe.engine import Engine, EngineOptions
 from flashmoe.engine.session import Session
-from flashmoe.stages.pipeline import Pipeline
-from tests.parity import Trace, assert_exact, budget_for, flashmoe_trace, mlx_lm_trace
+from tests.parity import (Trace, assert_exact, budget_for, flashmoe_trace, mlx_lm_trace,
+                          record_forward)
 
 FAMILIES = ["qwen3_5_moe", "qwen3_next", "qwen3_moe", "mixtral", "qwen2_moe"]
 PROMPT = [5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150]
 STEPS = 24
 
 
-async def greedy_trace(path, monkeypatch, n: int = STEPS, **opts) -> tuple[Trace, Engine]:
+async def greedy_trace(path, n: int = STEPS, **opts) -> tuple[Trace, Engine]:
     """The default (greedy, pure) sampler, so steps sample in their own trip and look ahead;
     every decode step's log-probabilities recorded as mlx-lm's sampler sees them."""
     return await flashmoe_trace(path, PROMPT, n, greedy=True, **opts)
@@ -30,10 +30,10 @@ def _ahead_steps(engine) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-async def test_steps_built_ahead_are_exact(tiny, family, monkeypatch):
+async def test_steps_built_ahead_are_exact(tiny, family):
     path = tiny(family)
     ref = mlx_lm_trace(path, PROMPT, STEPS)
-    got, engine = await greedy_trace(path, monkeypatch, cache_budget_gb=1.0)
+    got, engine = await greedy_trace(path, cache_budget_gb=1.0)
     assert_exact(ref, got)
     used, _ = _ahead_steps(engine)
     assert used >= STEPS // 2, f"only {used} steps were built ahead"
@@ -53,7 +53,7 @@ async def test_a_miss_undoes_the_step_built_ahead(tiny, family, monkeypatch):
                                                                       real(a))))
     path = tiny(family)
     ref = mlx_lm_trace(path, PROMPT, STEPS)
-    got, engine = await greedy_trace(path, monkeypatch, cache_budget_gb=budget_for(path, 40))
+    got, engine = await greedy_trace(path, cache_budget_gb=budget_for(path, 40))
     assert_exact(ref, got)
     _, missed = _ahead_steps(engine)
     assert missed >= 3 and len(undone) >= 3, (missed, len(undone))
@@ -80,7 +80,7 @@ async def test_interleaved_sessions_with_steps_built_ahead(tiny):
     assert both == solo
 
 
-async def test_a_step_of_another_token_undoes_the_step_built_ahead(tiny, monkeypatch):
+async def test_a_step_of_another_token_undoes_the_step_built_ahead(tiny):
     """Teacher forcing through Session.step: each step is built ahead from the sampled token,
     but the next step feeds another one, so the step built ahead must be undone."""
     from mlx_lm import load
@@ -98,20 +98,9 @@ async def test_a_step_of_another_token_undoes_the_step_built_ahead(tiny, monkeyp
                             .astype(mx.float32)).reshape(-1))
 
     seen: list[np.ndarray] = []
-    real = Pipeline.forward
-
-    async def recording(self, ids, step, all_logits=False, head=True):
-        out = await real(self, ids, step, all_logits, head)
-        if out is not None:
-            def logprobs(out=out):
-                last = out[:, -1, :]
-                return ((last - mx.logsumexp(last, axis=-1, keepdims=True)).astype(mx.float32),)
-            seen.append((await self.worker.numpy(logprobs))[0].reshape(-1))
-        return out
-
-    monkeypatch.setattr(Pipeline, "forward", recording)
     engine = await Engine.open(path, EngineOptions(device="cpu", cache_budget_gb=1.0),
                                tokenizer=False)
+    record_forward(engine, seen)
     try:
         session = engine.session()
         await session.prefill(PROMPT)
@@ -136,7 +125,7 @@ async def test_a_step_built_ahead_that_misses_goes_on_layer_by_layer(tiny, famil
                         raising=False)
     path = tiny(family)
     ref = mlx_lm_trace(path, PROMPT, STEPS)
-    got, engine = await greedy_trace(path, monkeypatch, cache_budget_gb=budget_for(path, slots))
+    got, engine = await greedy_trace(path, cache_budget_gb=budget_for(path, slots))
     assert_exact(ref, got)
     both = sum(1 for s in engine.totals.steps
                if s.extra.get("built_ahead") and "speculation_missed_at" in s.extra)

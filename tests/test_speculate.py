@@ -58,7 +58,7 @@ async def test_fewer_evaluations_per_token_stay_exact(tiny, every, monkeypatch):
     served whole and rolled back part-way alike."""
     import flashmoe.stages.speculate as speculate
 
-    monkeypatch.setattr(speculate, "EVAL_EVERY", {"cpu": every, "gpu": every})
+    monkeypatch.setattr(speculate, "EVAL_EVERY", every)
     monkeypatch.setattr(Session, "warm", property(lambda self: True, lambda self, v: None),
                         raising=False)
     path = tiny("qwen3_5_moe")

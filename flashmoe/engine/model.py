@@ -153,10 +153,8 @@ class Model:
                 host = HostTier([p.nbytes for p in spec.parts], host_n // len(blocks),
                                 cuda_copy.host_allocator(self.cuda), self.cuda)
                 pool = SlotPool(spec, slots, self.options.cache_policy,
-                                upcast=self.options.dtype == "float32", host=host)
-                pool.cuda = self.cuda if not pool.store.upcasts else None
-                if pool.cuda is None and pool.host is not None:
-                    pool.host.without_cuda()  # its copies must land before the reads do
+                                upcast=self.options.dtype == "float32", host=host,
+                                cuda=self.cuda)
                 pools.update({i: pool for i in group})
         return pools
 

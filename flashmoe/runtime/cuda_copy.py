@@ -151,6 +151,28 @@ class CudaCopy:
             raise CudaError(f"{name} returned CUDA error {rc}")
 
 
+Pairs = list[tuple[np.ndarray, np.ndarray]]  # (destination, source) views, one per part
+
+
+def fill(copy: CudaCopy, slot: tuple, pairs: Pairs, row: tuple | None = None) -> None:
+    """Copy an expert into a slot on `up` (a read from staging, or a promotion from host
+    `row`): after the slot's last drain and the row's last write; the slot's next drain and
+    the row's next write wait for it."""
+    copy.wait([("drain", *slot), *([("rw", *row)] if row else [])], down=False)
+    for dst, src in pairs:
+        copy.to_device(dst, src)
+    copy.mark([("fill", *slot), *([("rr", *row)] if row else [])], down=False)
+
+
+def drain(copy: CudaCopy, slot: tuple, pairs: Pairs, row: tuple) -> None:
+    """Copy a slot's expert out to host `row` on `down` (a demotion): after the slot's last
+    fill and the row's last read; the slot's next fill and the row's next read wait for it."""
+    copy.wait([("fill", *slot), ("rr", *row)], down=True)
+    for dst, src in pairs:
+        copy.to_host_async(dst, src)
+    copy.mark([("drain", *slot), ("rw", *row)], down=True)
+
+
 class PinnedStaging:
     """`rows` experts' worth of pinned host memory, parts back to back per row, so a packed
     expert is one read; reads land here, then one async copy per part goes to the slot."""

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from flashmoe.runtime import cuda_copy
 from flashmoe.runtime.cuda_copy import CudaCopy
 
 Key = tuple[int, int]  # (layer, expert)
@@ -53,16 +54,12 @@ class HostTier:
             self.dropped += 1
         row = self._free.pop()
         dst = self._rows[row]
-        cuda = self._cuda
-        if cuda is not None:  # after the slot's last fill and the row's last promotion
-            cuda.wait([("fill", *slot), ("rr", id(self), row)], down=True)
-        for v, a, b in zip(views, self._cuts, self._cuts[1:]):
-            if cuda is not None:  # the down stream: no wait here, no page migration
-                cuda.to_host_async(dst[a:b], v.reshape(-1))
-            else:
-                dst[a:b] = v.reshape(-1)
-        if cuda is not None:  # the slot's next fill and the row's promotion wait for this
-            cuda.mark([("drain", *slot), ("rw", id(self), row)], down=True)
+        pairs = [(dst[a:b], v.reshape(-1)) for v, a, b in zip(views, self._cuts, self._cuts[1:])]
+        if self._cuda is not None:  # device-to-host on its own stream: no page migration
+            cuda_copy.drain(self._cuda, slot, pairs, (id(self), row))
+        else:
+            for d, s in pairs:
+                d[:] = s
         self._table[key] = row
         self.demoted += 1
 
@@ -78,22 +75,20 @@ class HostTier:
         """Copy a taken row into its new slot's `views` and free the row. On CUDA the copy is
         enqueued (after the slot's drain and the row's demotion; a later demotion into the
         row waits for it): synchronise before reading the slot."""
-        src, cuda = self._rows[row], self._cuda
-        if cuda is not None:
-            cuda.wait([("drain", *slot), ("rw", id(self), row)], down=False)
-        for v, a, b in zip(views, self._cuts, self._cuts[1:]):
-            if cuda is not None:
-                cuda.to_device(v.reshape(-1), src[a:b])
-            else:
-                v.reshape(-1)[:] = src[a:b]
-        if cuda is not None:
-            cuda.mark([("fill", *slot), ("rr", id(self), row)], down=False)
+        src = self._rows[row]
+        pairs = [(v.reshape(-1), src[a:b]) for v, a, b in zip(views, self._cuts, self._cuts[1:])]
+        if self._cuda is not None:
+            cuda_copy.fill(self._cuda, slot, pairs, (id(self), row))
+        else:
+            for d, s in pairs:
+                d[:] = s
         self._free.append(row)
         self.hits += 1
 
-    def without_cuda(self) -> None:
-        """Copy with numpy (a pool whose slots are not read through the CUDA path)."""
-        self._cuda = None
+    def copy_with(self, cuda: CudaCopy | None) -> None:
+        """The CUDA copy path when its pool's slots use it, else numpy copies (which land
+        before the pool's own reads do)."""
+        self._cuda = cuda
 
     def clear(self) -> None:
         self._free.extend(self._table.values())

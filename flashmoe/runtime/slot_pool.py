@@ -92,11 +92,16 @@ class SlotPool:
     at the H200's ~14,500 slots a scan per miss would cost milliseconds."""
 
     def __init__(self, spec: LayerExperts, n: int, policy: str = "lru",
-                 upcast: bool = False, host: HostTier | None = None) -> None:
+                 upcast: bool = False, host: HostTier | None = None,
+                 cuda: CudaCopy | None = None) -> None:
         self.n, self.policy = n, policy
         self.store = SlotArrays(spec, n, upcast)
         self.host = host if host is not None and host.n and policy != "none" else None
-        self.cuda: CudaCopy | None = None  # the CUDA copy path (cuda_copy.select), or None
+        # the CUDA copy path (cuda_copy.select), or None: slots widened on the host (upcast
+        # parts) are filled by the host, and so is their host tier
+        self.cuda = cuda if not self.store.upcasts else None
+        if self.host is not None:
+            self.host.copy_with(self.cuda)
         self._owner: list[tuple[int, int] | None] = [None] * n
         self._table: dict[tuple[int, int], int] = {}
         self._pins = [0] * n
@@ -200,7 +205,7 @@ class SlotPool:
         of this grant can overwrite the slot."""
         old, host = self._owner[s], self.host
         row = host.take(key) if host is not None and key in host else None
-        slot = (id(self), s)  # the CUDA copy path orders copies by slot and row
+        slot = self.copy_key(s)
         if host is not None and old is not None:  # after take: a full tier drops another
             host.demote(old, self.store.views(s), slot)
         self._assign(s, key)
@@ -208,6 +213,10 @@ class SlotPool:
             host.copy_back(row, self.store.views(s), slot)
             return True
         return False
+
+    def copy_key(self, s: int) -> tuple[int, int]:
+        """Slot s as the CUDA copy path names it (copies are ordered by slot and host row)."""
+        return id(self), s
 
     def _assign(self, s: int, key: tuple[int, int]) -> None:
         self._forget(s)

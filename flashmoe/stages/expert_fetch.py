@@ -8,6 +8,7 @@ from flashmoe.stages.observer import ReadObserver
 from flashmoe.errors import ExpertReadError
 from flashmoe.runtime.direct import Copy, DirectBounce, copy_all
 from flashmoe.runtime.expert_store import ExpertStore
+from flashmoe.runtime import cuda_copy
 from flashmoe.runtime.cuda_copy import PinnedStaging
 from flashmoe.runtime.io_pool import PAGE, IOPool, ReadJob, ReadLabel, coalesce
 from flashmoe.checkpoints.packed import expert_hash
@@ -125,11 +126,8 @@ class ExpertFetchStage:
     async def _read_row(self, pool: SlotPool, staging: PinnedStaging, row: int, slot: int,
                         jobs: list[ReadJob]) -> int:
         got, _ = await self.io.read(jobs)
-        key = (id(pool), slot)
-        pool.cuda.wait([("drain", *key)], down=False)  # its old expert's demotion first
-        for src, dst in zip(staging.views(row), pool.store.views(slot)):
-            pool.cuda.to_device(dst, src)
-        pool.cuda.mark([("fill", *key)], down=False)
+        cuda_copy.fill(pool.cuda, pool.copy_key(slot),
+                       list(zip(pool.store.views(slot), staging.views(row))))
         return got
 
     def _bounce_for(self, pool: SlotPool, parts) -> DirectBounce:

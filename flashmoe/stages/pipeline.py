@@ -91,10 +91,11 @@ class Pipeline:
         if self.proxied is not None:
             return await self.proxied.forward(ids, step, all_logits, head)
         speculates = self.speculates(step, len(ids), step.cache)
-        ahead = None
-        if self.speculator is not None:  # the step the last one started, or undo it
-            ahead = self.speculator.take(step.cache, ids) if speculates and not all_logits \
-                else self.speculator.settle(step.cache)
+        ahead = None  # the step the last one started (used here, or undone)
+        if speculates and not all_logits:
+            ahead = self.speculator.take(step.cache, ids)
+        elif self.speculator is not None:
+            self.speculator.settle()
         if ahead is None:
             x0, masks = await self.worker.build(self._inputs, ids, step.cache)
         else:
@@ -251,17 +252,21 @@ class Pipeline:
     def _next_inputs(self, cache: list[Any], y: mx.array) -> tuple[mx.array, Callable, list]:
         """The next decode step's inputs from its token still on the device (MLX thread):
         what _inputs gives for [y] once this step's cache updates are in."""
-        x0 = self.r.family.embed(self.r.model, y.reshape(1, 1))
-        x0 = x0 if self.dtype is None else x0.astype(self.dtype)
-        masks = self.r.family.masks(self.r.model, x0, cache)
+        x0, masks = self._inputs_of(y.reshape(1, 1), cache)
         return x0, self._attend(masks, cache), masks
 
     def _inputs(self, ids: list[int], cache: list[Any]) -> tuple[mx.array, list[Any]]:
-        x0 = self._embed(ids)
+        return self._inputs_of(mx.array([ids]), cache)
+
+    def _inputs_of(self, tokens: mx.array, cache: list[Any]) -> tuple[mx.array, list[Any]]:
+        x0 = self._embed_tokens(tokens)
         return x0, self.r.family.masks(self.r.model, x0, cache)
 
     def _embed(self, ids: list[int]) -> mx.array:
-        x = self.r.family.embed(self.r.model, mx.array([ids]))
+        return self._embed_tokens(mx.array([ids]))
+
+    def _embed_tokens(self, tokens: mx.array) -> mx.array:
+        x = self.r.family.embed(self.r.model, tokens)
         return x if self.dtype is None else x.astype(self.dtype)
 
     def _head(self, x: mx.array, all_logits: bool) -> mx.array:

@@ -38,6 +38,11 @@ class SamplingStage:
 
 
 def _sample(logits: mx.array, sampler: Sampler) -> tuple[mx.array]:
+    return (sample_graph(logits, sampler),)
+
+
+def sample_graph(logits: mx.array, sampler: Sampler) -> mx.array:
+    """The next token from the last position's logits, as mlx-lm samples: the sampler gets
+    log-probabilities (not evaluated; the whole-token step builds it into its own trip)."""
     last = logits[:, -1, :]
-    logprobs = last - mx.logsumexp(last, axis=-1, keepdims=True)
-    return (sampler(logprobs),)
+    return sampler(last - mx.logsumexp(last, axis=-1, keepdims=True))

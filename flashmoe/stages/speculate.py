@@ -25,12 +25,14 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import ArraysCache, KVCache
 
-# How often the whole-token step hands a layer's output to MLX before the token is built:
-# on the CPU backend after every MoE layer (graph building overlaps the compute thread's work:
-# BENCHMARKS (k)); on CUDA each extra evaluation costs more than the overlap saves (resident
-# mlx-lm on the H200, 13 shape-faithful layers, K=4: 11.08 ms per token evaluated once,
-# 12.92 with an async_eval per layer: bench/sync_cost.py, BENCHMARKS "NVIDIA H200").
-EVAL_EVERY = {"cpu": 1, "gpu": 1}
+from flashmoe.stages.sampling import sample_graph
+
+# How often the whole-token step hands a MoE layer's output to MLX while the token is built
+# (0: once, at the end): every layer, so the device computes while the host builds the next.
+# Measured on the H200 (13 shape-faithful layers, K=4, bench/host_overhead.py --eval-every):
+# 0.690 ms per layer at 1, 1.052 at 0, 0.976 at 3; on the CPU it overlaps the compute thread
+# (BENCHMARKS (k)).
+EVAL_EVERY = 1
 ROLLBACK = (KVCache, ArraysCache)  # caches whose step can be undone by restoring attributes
 Attend = Callable[[int, Any, Callable[[], mx.array]], Callable[[], Any]]
 
@@ -71,10 +73,7 @@ class Speculator:
         # policy none frees every slot after its use: nothing is ever there to serve
         self.keeps = all(pipeline.fetch.pools[i].policy != "none" for i in self.moe)
         self._tables: dict[int, tuple[tuple, mx.array]] = {}  # layer -> (pool, changes), table
-        # Start every EVAL_EVERY-th MoE layer's output on the device as soon as it is built, so
-        # the device computes while the host builds the next layers (0: the token in one
-        # evaluation). Per backend: see EVAL_EVERY.
-        self.eval_every = EVAL_EVERY.get(getattr(pipeline.worker, "device", "cpu"), 1)
+        self.eval_every = EVAL_EVERY  # bench/host_overhead.py --eval-every sets it
         self.ahead: Ahead | None = None  # the next decode step, started (lookahead)
 
     def take(self, caches: list[Any], ids: list[int]) -> Ahead | None:
@@ -89,7 +88,7 @@ class Speculator:
         self.discard(a)
         return None
 
-    def settle(self, caches: list[Any] | None = None) -> None:
+    def settle(self) -> None:
         """Undo the ahead step, if any: something else than its own decode comes next."""
         a, self.ahead = self.ahead, None
         if a is not None:
@@ -97,13 +96,15 @@ class Speculator:
 
     @staticmethod
     def discard(a: Ahead) -> None:
-        for layer, snaps in zip(a.caches, a.saved):
-            for c, snap in zip(layer, snaps):
-                _restore(c, snap)
+        _restore_all(a.caches, a.saved)
+
+    def _version(self, layer: int) -> tuple[int, int]:
+        """Which state of the layer's expert -> slot map (its pool, that pool's changes)."""
+        pool = self.p.fetch.pools[layer]
+        return id(pool), pool.changes.get(layer, 0)
 
     def _versions(self) -> tuple:
-        pools = self.p.fetch.pools
-        return tuple((id(pools[i]), pools[i].changes.get(i, 0)) for i in self.moe)
+        return tuple(self._version(i) for i in self.moe)
 
     def usable(self, caches: list[Any]) -> bool:
         """Only caches whose step can be undone (mlx-lm's KVCache, ArraysCache), and pools
@@ -148,9 +149,7 @@ class Speculator:
             return Outcome(logits, token=token)
         if nxt is not None:
             self.discard(nxt)  # back to this step's state, then its layers first.. as before
-        for layer, snaps in zip(caches[first:], saved[first:]):
-            for c, snap in zip(layer, snaps):
-                _restore(c, snap)
+        _restore_all(caches[first:], saved[first:])
         stats.extra["speculation_missed_at"] = first
         return Outcome(None, first, xs[first])
 
@@ -168,8 +167,7 @@ class Speculator:
             logits, inds, xs = ahead.logits, ahead.inds, ahead.xs
         y = nxt = None
         if sampler is not None:
-            last = logits[:, -1, :]
-            y = sampler(last - mx.logsumexp(last, axis=-1, keepdims=True))
+            y = sample_graph(logits, sampler)
             if next_inputs is not None:
                 nxt = self._ahead(y, next_inputs, tables, caches)
         order = list(inds)
@@ -215,8 +213,7 @@ class Speculator:
     def _table(self, layer: int, where: np.ndarray) -> mx.array:
         """The layer's device-side expert -> slot table (uint32, like the per-layer path's
         slot ids; experts not in a slot read slot 0), rebuilt only when the map changed."""
-        pool = self.p.fetch.pools[layer]
-        version = (id(pool), pool.changes.get(layer, 0))
+        version = self._version(layer)
         held = self._tables.get(layer)
         if held is None or held[0] != version:
             held = self._tables[layer] = (version, mx.array(np.maximum(where, 0).astype(np.uint32)))
@@ -234,6 +231,12 @@ def _snapshot(cache: Any) -> dict:
     """The attributes a step replaces (KVCache: offset and, when it grows, its buffers;
     ArraysCache: its list of states, copied since a step assigns into it)."""
     return {k: list(v) if isinstance(v, list) else v for k, v in vars(cache).items()}
+
+
+def _restore_all(caches: list[list[Any]], saved: list[list[dict]]) -> None:
+    for layer, snaps in zip(caches, saved):
+        for c, snap in zip(layer, snaps):
+            _restore(c, snap)
 
 
 def _restore(cache: Any, snap: dict) -> None:
