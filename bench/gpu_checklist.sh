@@ -40,6 +40,47 @@ second)  # build beside tiny, then evals, in DEADLINE (default 430 s)
   DEADLINE=${DEADLINE:-430}; bash "$0" build > "$OUT/build.out" 2>&1 &
   bash "$0" tiny; wait; tail -3 "$OUT/build.out"
   DEADLINE=$(( DEADLINE - SECONDS )) bash "$0" evals ;;
+evals)  # the whole-token step on the GPU: the lookahead (default) with evaluations every MoE
+  # layer (default), once per token and every third, then without the lookahead; host_overhead.py
+  # each (32 tokens x 2), resident mlx-lm once
+  for a in "--eval-every 1" "--eval-every 0" "--eval-every 3" "--eval-every 1 --no-lookahead"; do
+    B=--no-baseline; [ "$a" = "--eval-every 1" ] && B=
+    run timeout $(left) python3 bench/host_overhead.py --tokens 32 --repeats 2 $B $a \
+      hardware=h200 model.path=$S model.experts_per_token=4 cache.budget_gb=20.8 \
+      | grep -v '^{' | tee -a "$OUT/evals.log"
+  done ;;
+final)  # issue 12 and 11 in one call: cached K=4 beside resident mlx-lm, the page cache through
+  # the copy path, two tiers at K=10, cold, then 1 vs 8 streams. Runs under /root/runs; one
+  # digest line per run comes back in $OUT/final.log (the device tool returns few files).
+  R=/root/runs; C="task=bench hardware=h200 model.path=$S task.check=mlx_lm task.tokens=32"
+  run timeout 180 python3 -m flashmoe $C model.experts_per_token=4 cache.budget_gb=20.8 \
+    task.baseline=mlx_lm task.repeats=2 hydra.run.dir=$R/k4_cached | tail -1
+  run timeout 70 python3 -m flashmoe $C model.experts_per_token=4 cache=none \
+    task.repeats=2 hydra.run.dir=$R/k4_none | tail -1
+  run timeout 120 python3 -m flashmoe $C model.experts_per_token=10 cache.budget_gb=26 \
+    cache.host_budget_gb=19.5 task.repeats=2 hydra.run.dir=$R/k10_tiers | tail -1
+  run timeout 60 python3 -m flashmoe task=bench hardware=h200 model.path=$S \
+    model.experts_per_token=4 cache=none task.cold=true task.tokens=16 task.repeats=1 \
+    hydra.run.dir=$R/cold | tail -1
+  python3 bench/jsonl_digest.py $R/k4_cached $R/k4_none $R/k10_tiers $R/cold | tee "$OUT/final.log"
+  run timeout $(left) python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
+    model.experts_per_token=4 cache.budget_gb=20.8 task.concurrency=1,8 \
+    task.batch_compute=per_sequence,joint task.tokens=16 task.repeats=1 task.warmup=2 \
+    hydra.sweep.dir=$R/batch | grep -c status=ok
+  python3 bench/jsonl_digest.py $R/batch/[0-9]* | tee -a "$OUT/final.log" ;;
+k10)  # K=10 (the model's own): every expert cached beside resident mlx-lm; two tiers with a
+  # device tier too small for the stream (promotions and demotions every token); the per-layer
+  # breakdown. Runs under /root/runs, digests into $OUT (few files come back).
+  C="task=bench hardware=h200 model.path=$S model.experts_per_token=10 task.check=mlx_lm \
+task.tokens=32 task.repeats=1"
+  run timeout 120 python3 -m flashmoe $C cache.budget_gb=26 task.baseline=mlx_lm \
+    hydra.run.dir=/root/runs/k10_cached | tail -1
+  run timeout 90 python3 -m flashmoe $C cache.budget_gb=8 cache.host_budget_gb=19.5 \
+    hydra.run.dir=/root/runs/k10_tiers8 | tail -1
+  python3 bench/jsonl_digest.py /root/runs/k10_cached /root/runs/k10_tiers8 | tee "$OUT/k10.log"
+  run timeout $(left) python3 bench/host_overhead.py --tokens 32 --repeats 1 --no-baseline \
+    hardware=h200 model.path=$S model.experts_per_token=10 cache.budget_gb=26 \
+    | grep -v '^{' | tee -a "$OUT/k10.log" ;;
 both)  # scale and tiny side by side (correctness only: nothing here is timed)
   CUDA_VISIBLE_DEVICES=${GPU_B:-0} bash "$0" tiny > "$OUT/tiny.out" 2>&1 &
   bash "$0" scale; wait; tail -15 "$OUT/tiny.out" ;;

@@ -133,7 +133,7 @@ async def decode(engine: Engine, prompt: list[int], n: int,
     """n greedy tokens; (tokens, decode seconds after the first token, the spans' ms and the
     Python threads' CPU ms over those, summed decode stats)."""
     toks, stamps = [], []
-    sums = {"experts_fetched": 0, "experts_hit": 0}
+    sums = {"experts_fetched": 0, "experts_hit": 0, "built_ahead": 0}
     snap = lambda: {**({k: v for k, v in spans.ms.items()} if spans else {}),  # noqa: E731
                     **({f"cpu:{k}": v for k, v in spans.cpu_ms.items()} if spans else {}),
                     "cpu:threads": (time.thread_time() + engine.worker.call(time.thread_time))
@@ -209,8 +209,10 @@ async def main_async(args: argparse.Namespace, overrides: list[str]) -> dict:
         layers, k, device = len(engine.pipeline.layers), engine.k, engine.device
         if args.layer_by_layer:  # bench-only switch: the product has no such option
             engine.pipeline.speculator = None
-        elif args.eval_every is not None and engine.pipeline.speculator is not None:
-            engine.pipeline.speculator.eval_every = args.eval_every  # bench-only, as above
+        elif engine.pipeline.speculator is not None:  # bench-only switches, as above
+            if args.eval_every is not None:
+                engine.pipeline.speculator.eval_every = args.eval_every
+            engine.pipeline.speculator.lookahead = args.lookahead
         prompt = engine.encode(PROMPT)
         stream, out = await measure(engine, prompt, args.tokens, args.repeats, layers)
         text = await profile(engine, prompt, args.tokens, args.profile) if args.profile else ""
@@ -229,7 +231,7 @@ async def main_async(args: argparse.Namespace, overrides: list[str]) -> dict:
         out["mlx_lm"] = base
     out.update(layers=layers, k=k, tokens=args.tokens, repeats=args.repeats, device=device,
                path=str(path), layer_by_layer=args.layer_by_layer,
-               eval_every=args.eval_every)
+               eval_every=args.eval_every, lookahead=args.lookahead)
     return {"summary": out, "profile": text}
 
 
@@ -245,6 +247,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=None, metavar="N",
                     help="whole-token step: async_eval every N-th MoE layer (0: once per "
                          "token); default: speculate.EVAL_EVERY")
+    ap.add_argument("--no-lookahead", dest="lookahead", action="store_false",
+                    help="whole-token step: do not build and start the next token before "
+                         "this one's routing is checked (measures what the lookahead gains)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print cProfile's top N functions per thread")
     args, overrides = ap.parse_known_args()
@@ -258,7 +263,8 @@ def main() -> None:
           f"{s['dispatch_cpu_ms']:.3f}); host Python CPU {s['host_cpu_ms']:.3f} ms; "
           f"mlx-lm {s.get('mlx_lm_ms', float('nan')):.3f} ms "
           f"(x{s.get('ratio_vs_mlx_lm', float('nan')):.2f}); "
-          f"experts read while timed: {s['experts_fetched']}")
+          f"experts read while timed: {s['experts_fetched']}; steps built ahead: "
+          f"{s['built_ahead']} of {s['tokens'] - 1}")
     print(f"  {'':32s} {'wall':>7s} {'cpu':>7s}  (ms per layer)")
     for name, ms in s["breakdown_ms"].items():
         print(f"  {name:32s} {ms:7.3f} {s['breakdown_cpu_ms'].get(name, 0.0):7.3f}")

@@ -106,7 +106,8 @@ class Pipeline:
             pure = step.sampler if not all_logits else None
             got = await self.speculator(
                 step, x0, attend, [[c] for c in step.cache], all_logits, ahead, pure,
-                partial(self._next_inputs, step.cache) if pure and step.lookahead else None)
+                partial(self._next_inputs, step.cache)
+                if pure and step.lookahead and self.speculator.lookahead else None)
             if got.logits is not None:
                 step.token = got.token
                 return got.logits

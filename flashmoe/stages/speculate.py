@@ -75,6 +75,7 @@ class Speculator:
         self._tables: dict[int, tuple[tuple, mx.array]] = {}  # layer -> (pool, changes), table
         self.eval_every = EVAL_EVERY  # bench/host_overhead.py --eval-every sets it
         self.ahead: Ahead | None = None  # the next decode step, started (lookahead)
+        self.lookahead = True  # bench/host_overhead.py --no-lookahead clears it
 
     def take(self, caches: list[Any], ids: list[int]) -> Ahead | None:
         """The step built ahead for this decode of `ids` on these caches, or None. One ahead
