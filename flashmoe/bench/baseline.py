@@ -56,10 +56,10 @@ def _with_k(path: str, k: int) -> dict:
     return {"num_experts_per_tok": k}
 
 
-def _child(path: str, tokens: int, dtype: str, prompt: list[int], k: int) -> dict:
-    import mlx.core as mx
+def load_resident(path: str, dtype: str | None, k: int):
+    """mlx-lm's model of the checkpoint, resident, with k experts per token (and the engine's
+    activation dtype)."""
     from mlx_lm import load
-    from mlx_lm.generate import generate_step
 
     from flashmoe.models.loader import widen_to_f32
 
@@ -71,6 +71,14 @@ def _child(path: str, tokens: int, dtype: str, prompt: list[int], k: int) -> dic
             for attr in ("top_k", "num_experts_per_tok"):
                 if block is not None and hasattr(block, attr):
                     setattr(block, attr, k)
+    return model
+
+
+def _child(path: str, tokens: int, dtype: str, prompt: list[int], k: int) -> dict:
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    model = load_resident(path, dtype, k)
     stamps, ids = [], []
     for tok, _ in generate_step(mx.array(prompt), model, max_tokens=tokens,
                                  sampler=lambda lp: mx.argmax(lp, axis=-1)):
