@@ -49,6 +49,21 @@ evals)  # the whole-token step on the GPU: the lookahead (default) with evaluati
       hardware=h200 model.path=$S model.experts_per_token=4 cache.budget_gb=20.8 \
       | grep -v '^{' | tee -a "$OUT/evals.log"
   done ;;
+graphs)  # MLX-CUDA's graph batching (device.cpp: a commit per 100 ops or per 1000 MB of inputs,
+  # and each gather over a slot stack is > 1000 MB) vs plain launches: host_overhead.py with
+  # each setting, then resident mlx-lm's own loop (bench/dispatch_probe.py) with the same
+  for e in "" MLX_USE_CUDA_GRAPHS=0 MLX_MAX_MB_PER_BUFFER=1000000 \
+      "MLX_MAX_MB_PER_BUFFER=1000000 MLX_MAX_OPS_PER_BUFFER=1000"; do
+    echo "== env: ${e:-default}" | tee -a "$OUT/graphs.log"
+    run timeout $(left) env $e python3 bench/host_overhead.py --tokens 32 --repeats 2 \
+      --no-baseline hardware=h200 model.path=$S model.experts_per_token=4 cache.budget_gb=20.8 \
+      | grep -v '^{' | tee -a "$OUT/graphs.log"
+  done
+  for e in "" MLX_USE_CUDA_GRAPHS=0 "MLX_MAX_MB_PER_BUFFER=1000000 MLX_MAX_OPS_PER_BUFFER=1000"; do
+    echo "== env: ${e:-default}" | tee -a "$OUT/graphs.log"
+    run timeout $(left) env $e python3 bench/dispatch_probe.py $S --tokens 32 --k 4 \
+      | tee -a "$OUT/graphs.log"
+  done ;;
 final)  # issue 12 and 11 in one call: cached K=4 beside resident mlx-lm, the page cache through
   # the copy path, two tiers at K=10, cold, then 1 vs 8 streams. Runs under /root/runs; one
   # digest line per run comes back in $OUT/final.log (the device tool returns few files).
@@ -122,6 +137,6 @@ task.repeats=1"
 import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())" -n 2 --backend nccl -- \
     python3 -m flashmoe $C cache.budget_gb=5 dist.backend=nccl hydra.run.dir="$OUT/r2_B" \
     | tee -a "$OUT/nccl.log" ;;
-*) echo "usage: $0 exact|dims|tiny|build|scale|both|speed|overhead|batch|nccl|second|evals|final|k10 ..." >&2; exit 2 ;;
+*) echo "usage: $0 exact|dims|tiny|build|scale|both|speed|overhead|batch|nccl|second|evals|graphs|final|k10 ..." >&2; exit 2 ;;
 esac
 done
