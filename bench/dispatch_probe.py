@@ -85,8 +85,9 @@ def main() -> None:
     ap.add_argument("path")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--dtype", default=None, help="float32: upcast as flashmoe does on the CPU")
     args = ap.parse_args()
-    model = load_resident(args.path, None, args.k)
+    model = load_resident(args.path, args.dtype, args.k)
     layers = len(model.layers)
     decode(model, 4, True)  # warm-up (kernels compiled, buffers cached)
     rows = {"main thread, pipelined": lambda: decode(model, args.tokens, True),

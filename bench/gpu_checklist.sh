@@ -70,7 +70,7 @@ final)  # issue 12 and 11 in one call: cached K=4 beside resident mlx-lm, the pa
   R=/root/runs; C="task=bench hardware=h200 model.path=$S task.check=mlx_lm task.tokens=32"
   run timeout 180 python3 -m flashmoe $C model.experts_per_token=4 cache.budget_gb=20.8 \
     task.baseline=mlx_lm task.repeats=2 hydra.run.dir=$R/k4_cached | tail -1
-  run timeout 70 python3 -m flashmoe $C model.experts_per_token=4 cache=none \
+  run timeout 150 python3 -m flashmoe $C model.experts_per_token=4 cache=none \
     task.repeats=2 hydra.run.dir=$R/k4_none | tail -1
   run timeout 120 python3 -m flashmoe $C model.experts_per_token=10 cache.budget_gb=26 \
     cache.host_budget_gb=19.5 task.repeats=2 hydra.run.dir=$R/k10_tiers | tail -1

@@ -14,7 +14,7 @@ from pathlib import Path
 KEYS = ("status", "tok_s", "tokens_match", "vs_baseline", "baseline_tok_s", "cache_hit_rate",
         "expert_gb_per_token", "fetch_vs_probe", "overlap_ratio", "tok_s_aggregate",
         "tok_s_per_sequence", "tokens_match_solo", "concurrency", "batch_compute",
-        "experts_per_token")
+        "experts_per_token", "device_hit_rate", "host_demotions_copied", "host_demotions_kept")
 
 
 def digest(run: Path) -> str:

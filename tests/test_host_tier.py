@@ -56,6 +56,32 @@ def test_full_host_tier_drops_least_recently_demoted_and_clear_empties_it():
     assert (0, 1) not in tier
 
 
+def test_a_promoted_experts_row_is_kept_so_leaving_the_slots_again_copies_nothing():
+    tier = HostTier([4], 2)
+    tier.demote((0, 1), [np.full(4, 1, np.uint8)])
+    slot = np.zeros(4, np.uint8)
+    tier.promote((0, 1), [slot])
+    assert (slot == 1).all() and (0, 1) not in tier  # in the slots now, not promotable
+    tier.demote((0, 1), [np.full(4, 99, np.uint8)])  # had it copied, the row would read 99
+    assert tier.demoted == 1 and tier.kept == 1 and (0, 1) in tier
+    tier.promote((0, 1), [slot])
+    assert (slot == 1).all()
+
+
+def test_kept_copies_make_room_before_any_demoted_expert_is_dropped():
+    tier = HostTier([4], 2)
+    for e in (1, 2):
+        tier.demote((0, e), [np.full(4, e, np.uint8)])
+    tier.promote((0, 1), [np.zeros(4, np.uint8)])  # 1's row kept: the tier is still full
+    tier.demote((0, 3), [np.full(4, 3, np.uint8)])  # takes 1's kept row, not 2's
+    assert tier.dropped == 0 and (0, 2) in tier and (0, 3) in tier
+    tier.demote((0, 1), [np.full(4, 1, np.uint8)])  # no copy left: copied, 2 dropped
+    assert tier.kept == 0 and tier.dropped == 1 and (0, 2) not in tier
+    out = np.zeros(4, np.uint8)
+    tier.promote((0, 3), [out])
+    assert (out == 3).all()
+
+
 def test_policy_none_has_no_host_tier():
     assert SlotPool(spec(), 2, "none", host=HostTier([16, 6], 3)).host is None
 
@@ -75,6 +101,31 @@ async def test_two_tiers_are_exact_and_counted(tiny, policy):
     hits0, reads0 = e0.cache_stats()
     hits1, reads1 = e1.cache_stats()
     assert reads1 + e1.host_hits() == reads0 and hits1 == hits0  # same lookups, fewer reads
+    copied, kept = e1.host_demotions()
+    # the tier has room beyond the experts outside the slots: promotions leave copies there,
+    # so most experts that churn out of the slots again need no copy (a kept one is one a
+    # promotion left)
+    assert copied > 0 and 0 < kept <= e1.host_hits()
+
+
+def test_the_run_summary_counts_each_tier(tiny, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tiny("qwen3_5_moe")
+    nbytes, k = expert_nbytes(path)
+    out = subprocess.run(
+        [sys.executable, "-m", "flashmoe", f"model.path={path}", "max_tokens=10",
+         "prompt=The sea", f"cache.budget_gb={2.5 * k * nbytes / 2**30}",
+         "cache.host_budget_gb=0.5"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    (log,) = tmp_path.rglob("flashmoe.jsonl")
+    (s,) = [e for e in map(json.loads, log.read_text().splitlines())
+            if e["event"] == "run_summary"]
+    assert s["host_hit_rate"] > 0 and s["device_hit_rate"] + s["host_hit_rate"] <= 1
+    assert s["host_demotions_copied"] > 0 and s["host_demotions_kept"] > 0
 
 
 @pytest.mark.parametrize("policy, slots", [("lru", 4), ("lfu", 5)])

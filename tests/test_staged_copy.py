@@ -135,3 +135,24 @@ def test_a_promotion_waits_for_its_rows_demotion():
     tier.promote((0, 3), [slots[1]], slot=("pool", 1))  # slot 1 held nothing: no drain
     fake.synchronize(down=False)  # what an evaluation waits for
     assert (slots[1] == 7).all()
+
+
+def test_a_kept_row_taken_for_a_demotion_waits_for_the_promotion_reading_it():
+    """A promoted expert's row is kept; the next demotion takes it while the promotion's copy
+    out of it has not run: the demotion must wait for that read, whatever the streams' pace."""
+    from flashmoe.runtime.host_tier import HostTier
+
+    fake = DeferredCopy(prefer="down")
+    tier = HostTier([8], 1, alloc=fake.host_alloc, cuda=fake)
+    slots = np.zeros((3, 8), np.uint8)
+    slots[0], slots[2] = 7, 9  # experts (0, 1) in slot 0 and (0, 2) in slot 2
+    tier.demote((0, 1), [slots[0]], slot=("pool", 0))
+    tier.promote((0, 1), [slots[1]], slot=("pool", 1))  # row 0 kept, its copy pending
+    tier.demote((0, 2), [slots[2]], slot=("pool", 2))  # the one row: taken from the kept copy
+    fake.synchronize(down=False)
+    fake.synchronize(down=True)
+    assert (slots[1] == 7).all() and tier.kept == 0 and (0, 2) in tier
+    out = np.zeros(8, np.uint8)
+    tier.promote((0, 2), [out], slot=("pool", 1))
+    fake.synchronize(down=False)
+    assert (out == 9).all()

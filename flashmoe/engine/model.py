@@ -147,7 +147,7 @@ class Model:
                     f"{spec.expert_nbytes / 2**20:.2f} MiB but one layer needs {self.k} "
                     f"(experts_per_token); use at least {need:.3g}")
             n = min(n, self.experts_owned * len(layers))
-            host_n = self._host_rows(spec, len(groups), self.experts_owned * len(layers) - n)
+            host_n = self._host_rows(spec, len(groups), self.experts_owned * len(layers))
             blocks = split_under_cap(layers, n, self._slot_cap(spec))
             for group, slots in blocks:
                 host = HostTier([p.nbytes for p in spec.parts], host_n // len(blocks),
@@ -165,13 +165,14 @@ class Model:
         par = self.options.parallel
         return len(par.share(self.num_experts)) if par is not None else self.num_experts
 
-    def _host_rows(self, spec, groups: int, beyond_slots: int) -> int:
+    def _host_rows(self, spec, groups: int, experts: int) -> int:
         """Host-tier rows for one expert layout: its share of cache.host_budget_gb, no more
-        than the experts the slots cannot hold."""
+        than its experts. Rows beyond the experts the slots cannot hold keep the copies that
+        promotions leave (host_tier.py): the next demotion of those experts is free."""
         budget = self.options.cache_host_budget_gb
         if not budget or self.options.cache_policy == "none":
             return 0
-        return max(0, min(int(budget * GIB / groups // spec.expert_nbytes), beyond_slots))
+        return max(0, min(int(budget * GIB / groups // spec.expert_nbytes), experts))
 
     def _slot_cap(self, spec) -> int:
         """Most slots one pool may hold: each part's slot array stays within 2 GiB (and
@@ -249,6 +250,11 @@ class Model:
     def host_hits(self) -> int:
         """Misses of the slots served by the host tier (cache.host_budget_gb)."""
         return sum(p.host_hits for p in self.unique_pools())
+
+    def host_demotions(self) -> tuple[int, int]:
+        """(experts copied out to the host tier, experts whose kept copy made it free)."""
+        pairs = [p.host_demotions for p in self.unique_pools()]
+        return sum(c for c, _ in pairs), sum(k for _, k in pairs)
 
     async def aclose(self) -> None:
         self.io.close()

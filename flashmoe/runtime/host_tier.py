@@ -2,8 +2,12 @@
 
 An expert evicted from the slots is demoted here (its file bytes copied out) instead of being
 dropped; a miss that finds it here is promoted (copied back into its new slot) instead of
-read from disk. The tiers are exclusive: an expert lives in the slots or here, so their
-capacities add. Least recently demoted goes first when full. On CUDA builds the rows are
+read from disk. The tiers are exclusive in capacity: an expert counts in the slots or here, so
+their capacities add. But a promoted expert's row is not emptied: it is *kept* as a copy
+until a demotion needs the room (kept rows go before any demoted one), so when that expert
+leaves the slots again, as the two-tier cache's churn makes it do, its demotion is free: no
+copy out, no wait for one before its slot is refilled (an expert's bytes are its file's: they
+never change). Least recently demoted goes first when full. On CUDA builds the rows are
 pinned host memory (cuda_copy.py) when the driver is there; elsewhere plain numpy memory,
 which on Apple silicon only duplicates the page cache (its default there is 0).
 """
@@ -31,8 +35,10 @@ class HostTier:
         raw = (alloc or _numpy_alloc)(max(n, 1) * self.row_bytes)
         self._rows = raw[: n * self.row_bytes].reshape(n, self.row_bytes)  # lazily backed
         self._table: OrderedDict[Key, int] = OrderedDict()  # least recently demoted first
+        self._kept: OrderedDict[Key, int] = OrderedDict()  # promoted, copy still here
+        self._taken: dict[int, Key] = {}  # rows reserved for a promotion under way
         self._free = list(range(n - 1, -1, -1))
-        self.hits = self.demoted = self.dropped = 0
+        self.hits = self.demoted = self.dropped = self.kept = 0
 
     @property
     def nbytes(self) -> int:
@@ -46,13 +52,13 @@ class HostTier:
         names the slot for the CUDA copy ordering)."""
         if self.n == 0:
             return
+        if key in self._kept:  # its promotion left the bytes here: nothing to copy
+            self._table[key] = self._kept.pop(key)
+            self.kept += 1
+            return
         if key in self._table:  # cannot happen with exclusive tiers; stay correct anyway
             self._free.append(self._table.pop(key))
-        if not self._free:
-            _, row = self._table.popitem(last=False)
-            self._free.append(row)
-            self.dropped += 1
-        row = self._free.pop()
+        row = self._room()
         dst = self._rows[row]
         pairs = [(dst[a:b], v.reshape(-1)) for v, a, b in zip(views, self._cuts, self._cuts[1:])]
         if self._cuda is not None:  # device-to-host on its own stream: no page migration
@@ -63,18 +69,30 @@ class HostTier:
         self._table[key] = row
         self.demoted += 1
 
+    def _room(self) -> int:
+        """A row for a demotion: a free one, else the oldest kept copy (its expert is in the
+        slots), else the least recently demoted expert's (dropped)."""
+        if self._free:
+            return self._free.pop()
+        if self._kept:
+            return self._kept.popitem(last=False)[1]
+        self.dropped += 1
+        return self._table.popitem(last=False)[1]
+
     def take(self, key: Key) -> int:
         """Reserve the expert's row for a promotion: it leaves the table but is not reused
         (a demotion in between must not overwrite it) until copy_back()."""
-        return self._table.pop(key)
+        row = self._table.pop(key)
+        self._taken[row] = key
+        return row
 
     def promote(self, key: Key, views: list[np.ndarray], slot: tuple = ()) -> None:
         self.copy_back(self.take(key), views, slot)
 
     def copy_back(self, row: int, views: list[np.ndarray], slot: tuple = ()) -> None:
-        """Copy a taken row into its new slot's `views` and free the row. On CUDA the copy is
-        enqueued (after the slot's drain and the row's demotion; a later demotion into the
-        row waits for it): synchronise before reading the slot."""
+        """Copy a taken row into its new slot's `views`; the row stays as a kept copy. On CUDA
+        the copy is enqueued (after the slot's drain and the row's demotion; a later demotion
+        into the row waits for it): synchronise before reading the slot."""
         src = self._rows[row]
         pairs = [(v.reshape(-1), src[a:b]) for v, a, b in zip(views, self._cuts, self._cuts[1:])]
         if self._cuda is not None:
@@ -82,7 +100,7 @@ class HostTier:
         else:
             for d, s in pairs:
                 d[:] = s
-        self._free.append(row)
+        self._kept[self._taken.pop(row)] = row
         self.hits += 1
 
     def copy_with(self, cuda: CudaCopy | None) -> None:
@@ -91,8 +109,9 @@ class HostTier:
         self._cuda = cuda
 
     def clear(self) -> None:
-        self._free.extend(self._table.values())
+        self._free.extend([*self._table.values(), *self._kept.values()])
         self._table.clear()
+        self._kept.clear()
 
 
 def _numpy_alloc(nbytes: int) -> np.ndarray:

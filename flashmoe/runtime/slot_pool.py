@@ -120,6 +120,11 @@ class SlotPool:
     def host_hits(self) -> int:
         return self.host.hits if self.host is not None else 0
 
+    @property
+    def host_demotions(self) -> tuple[int, int]:
+        """(demotions copied out to the host tier, demotions of a kept copy: none copied)."""
+        return (self.host.demoted, self.host.kept) if self.host is not None else (0, 0)
+
     def free_slots(self) -> int:
         return self._free
 
