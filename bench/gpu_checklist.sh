@@ -83,19 +83,20 @@ final)  # issue 12 and 11 in one call: cached K=4 beside resident mlx-lm, the pa
     task.batch_compute=per_sequence,joint task.tokens=16 task.repeats=1 task.warmup=2 \
     hydra.sweep.dir=$R/batch | grep -c status=ok
   python3 bench/jsonl_digest.py $R/batch/[0-9]* | tee -a "$OUT/final.log" ;;
-k10)  # K=10 (the model's own): every expert cached beside resident mlx-lm; two tiers with a
-  # device tier too small for the stream (promotions and demotions every token); the per-layer
-  # breakdown. Runs under /root/runs, digests into $OUT (few files come back).
-  C="task=bench hardware=h200 model.path=$S model.experts_per_token=10 task.check=mlx_lm \
-task.tokens=32 task.repeats=1"
-  run timeout 120 python3 -m flashmoe $C cache.budget_gb=26 task.baseline=mlx_lm \
-    hydra.run.dir=/root/runs/k10_cached | tail -1
-  run timeout 90 python3 -m flashmoe $C cache.budget_gb=8 cache.host_budget_gb=19.5 \
-    hydra.run.dir=/root/runs/k10_tiers8 | tail -1
-  python3 bench/jsonl_digest.py /root/runs/k10_cached /root/runs/k10_tiers8 | tee "$OUT/k10.log"
-  run timeout $(left) python3 bench/host_overhead.py --tokens 32 --repeats 1 --no-baseline \
-    hardware=h200 model.path=$S model.experts_per_token=10 cache.budget_gb=26 \
-    | grep -v '^{' | tee -a "$OUT/k10.log" ;;
+k10)  # K=10 (the model's own), the two tiers at 13/60 of a box (26 GiB device + 19.5 GiB pinned
+  # host): as is (promoted experts' host rows kept: host_demotions_kept), with the next layer's
+  # experts guessed and promoted while a layer computes (cache.prefetch), and every expert in
+  # device slots beside resident mlx-lm (what the tiers cost). Digests into $OUT.
+  R=/root/runs; C="task=bench hardware=h200 model.path=$S model.experts_per_token=10 \
+task.check=mlx_lm task.tokens=32 task.repeats=2"
+  run timeout 150 python3 -m flashmoe $C cache.budget_gb=26 cache.host_budget_gb=19.5 \
+    hydra.run.dir=$R/k10_tiers | tail -1
+  run timeout 150 python3 -m flashmoe $C cache.budget_gb=26 cache.host_budget_gb=19.5 \
+    cache.prefetch=true hydra.run.dir=$R/k10_tiers_prefetch | tail -1
+  run timeout $(left) python3 -m flashmoe $C cache.budget_gb=45 task.baseline=mlx_lm \
+    hydra.run.dir=$R/k10_cached | tail -1
+  python3 bench/jsonl_digest.py $R/k10_tiers $R/k10_tiers_prefetch $R/k10_cached \
+    | tee "$OUT/k10.log" ;;
 both)  # scale and tiny side by side (correctness only: nothing here is timed)
   CUDA_VISIBLE_DEVICES=${GPU_B:-0} bash "$0" tiny > "$OUT/tiny.out" 2>&1 &
   bash "$0" scale; wait; tail -15 "$OUT/tiny.out" ;;

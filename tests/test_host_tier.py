@@ -128,8 +128,9 @@ def test_the_run_summary_counts_each_tier(tiny, tmp_path):
     assert s["host_demotions_copied"] > 0 and s["host_demotions_kept"] > 0
 
 
-@pytest.mark.parametrize("policy, slots", [("lru", 4), ("lfu", 5)])
-async def test_two_tiers_match_mlx_lm_at_every_step(wide, policy, slots):
+@pytest.mark.parametrize("policy, slots, prefetch", [("lru", 4, False), ("lfu", 5, False),
+                                                     ("lru", 6, True)])
+async def test_two_tiers_match_mlx_lm_at_every_step(wide, policy, slots, prefetch):
     """Pools that evict every step, the host tier serving the misses it holds: mlx-lm's bits."""
     from tests.parity import assert_exact, budget_for, flashmoe_trace, mlx_lm_trace
 
@@ -137,6 +138,6 @@ async def test_two_tiers_match_mlx_lm_at_every_step(wide, policy, slots):
     ref = mlx_lm_trace(path, PROMPT, 8)
     got, engine = await flashmoe_trace(path, PROMPT, 8, cache_policy=policy,
                                        cache_budget_gb=budget_for(path, slots),
-                                       cache_host_budget_gb=1.0)
-    assert engine.host_hits() > 0
+                                       cache_host_budget_gb=1.0, prefetch=prefetch)
+    assert engine.host_hits() > 0  # with prefetch: guessed experts promoted ahead too
     assert_exact(ref, got)
