@@ -5,8 +5,9 @@
 mlx-lm's own decode loop (generate_step's pipelining: token t+1 built and started before t is
 read back), greedy, on the checkpoint loaded resident, timed per layer: wall, CPU time inside
 mx.async_eval (MLX encoding the graph's kernels) and the thread's other CPU time (Python
-building the graph). Run on the main thread, on a worker thread that set its own default
-device (as flashmoe's MLX thread does), and synchronised per token. Then a chain of 2,000 tiny
+building the graph). Run on the main thread, on a persistent worker thread that set its own
+default device (as flashmoe's MLX thread does), and synchronised per token, alternating for
+--rounds rounds (medians), each thread warmed up first. Then a chain of 2,000 tiny
 ops, to give MLX's encoding cost per op on each thread. The numbers say whether flashmoe's
 MLX thread, rather than its graph, makes the per-layer dispatch dearer than mlx-lm's.
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
+import statistics
+from concurrent.futures import ThreadPoolExecutor
 import time
 from typing import Callable
 
@@ -66,18 +68,20 @@ def chain(ops: int = 2000) -> float:
     return sorted(runs)[1]
 
 
-def on_thread(fn: Callable[[], dict]) -> dict:
-    out: dict = {}
+class Worker:
+    """One persistent thread that set its own default device, as flashmoe's MLX thread
+    (runtime/mlx_worker.py) is: its streams and MLX-CUDA's graph cache live across calls."""
 
-    def body() -> None:
-        mx.set_default_device(mx.default_device())
-        out.update(fn())
-        mx.synchronize()
-        mx.clear_streams()
-    t = threading.Thread(target=body)
-    t.start()
-    t.join()
-    return out
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, initializer=lambda: mx.set_default_device(
+            mx.default_device()))
+
+    def __call__(self, fn: Callable[[], dict]) -> dict:
+        return self._pool.submit(fn).result()
+
+    def close(self) -> None:
+        self._pool.submit(lambda: (mx.synchronize(), mx.clear_streams())).result()
+        self._pool.shutdown()
 
 
 def main() -> None:
@@ -85,25 +89,35 @@ def main() -> None:
     ap.add_argument("path")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default=None, help="float32: upcast as flashmoe does on the CPU")
     args = ap.parse_args()
     model = load_resident(args.path, args.dtype, args.k)
     layers = len(model.layers)
-    decode(model, 4, True)  # warm-up (kernels compiled, buffers cached)
+    worker = Worker()
+    decode(model, 4, True)  # warm-up on both threads (kernels, buffers, graph caches)
+    worker(lambda: decode(model, 4, True))
     rows = {"main thread, pipelined": lambda: decode(model, args.tokens, True),
-            "worker thread, pipelined": lambda: on_thread(
+            "worker thread, pipelined": lambda: worker(
                 lambda: decode(model, args.tokens, True)),
             "main thread, synchronised": lambda: decode(model, args.tokens, False)}
-    print(f"mlx-lm decode, {layers} layers, K={args.k}, {mx.default_device()} "
-          "(ms per layer: wall / CPU in async_eval / other thread CPU)")
+    print(f"mlx-lm decode, {layers} layers, K={args.k}, {mx.default_device()}, "
+          f"{args.rounds} rounds alternating (ms per layer, median: wall / CPU in async_eval "
+          "/ other thread CPU)")
+    runs: dict[str, list[dict]] = {name: [] for name in rows}
+    for _ in range(args.rounds):  # alternate, so a slow spell of the host hits every row
+        for name, fn in rows.items():
+            runs[name].append(fn())
     res = {}
-    for name, fn in rows.items():
-        r = fn()
-        res[name] = {k: round(v / layers, 4) for k, v in r.items()}
-        print(f"  {name:28s} {r['wall'] / layers:7.3f} {r['eval_cpu'] / layers:7.3f} "
-              f"{r['other_cpu'] / layers:7.3f}")
+    for name, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) / layers for k in rs[0]}
+        res[name] = {k: round(v, 4) for k, v in med.items()}
+        walls = ", ".join(f"{r['wall'] / layers:.3f}" for r in rs)
+        print(f"  {name:28s} {med['wall']:7.3f} {med['eval_cpu']:7.3f} {med['other_cpu']:7.3f}"
+              f"   (wall per round: {walls})")
     res["chain_us_per_op"] = {"main": round(chain(), 2),
-                              "worker": round(on_thread(lambda: {"v": chain()})["v"], 2)}
+                              "worker": round(worker(lambda: {"v": chain()})["v"], 2)}
+    worker.close()
     print(f"  a chain of tiny ops: {res['chain_us_per_op']['main']} µs/op on the main thread, "
           f"{res['chain_us_per_op']['worker']} on a worker thread")
     print(json.dumps(res))

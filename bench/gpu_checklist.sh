@@ -64,6 +64,10 @@ graphs)  # MLX-CUDA's graph batching (device.cpp: a commit per 100 ops or per 10
     run timeout $(left) env $e python3 bench/dispatch_probe.py $S --tokens 32 --k 4 \
       | tee -a "$OUT/graphs.log"
   done ;;
+threads)  # is MLX-CUDA's dispatch dearer from a worker thread (where flashmoe's MLX thread
+  # runs) than from the main thread (mlx-lm's)? The 'graphs' stage's single runs said so
+  run timeout $(left) python3 bench/dispatch_probe.py $S --tokens 32 --k 4 --rounds 5 \
+    | tee "$OUT/threads.log" ;;
 final)  # issue 12 and 11 in one call: cached K=4 beside resident mlx-lm, the page cache through
   # the copy path, two tiers at K=10, cold, then 1 vs 8 streams. Runs under /root/runs; one
   # digest line per run comes back in $OUT/final.log (the device tool returns few files).
@@ -138,6 +142,6 @@ task.repeats=1"
 import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())" -n 2 --backend nccl -- \
     python3 -m flashmoe $C cache.budget_gb=5 dist.backend=nccl hydra.run.dir="$OUT/r2_B" \
     | tee -a "$OUT/nccl.log" ;;
-*) echo "usage: $0 exact|dims|tiny|build|scale|both|speed|overhead|batch|nccl|second|evals|graphs|final|k10 ..." >&2; exit 2 ;;
+*) echo "usage: $0 exact|dims|tiny|build|scale|both|speed|overhead|batch|nccl|second|evals|graphs|threads|final|k10 ..." >&2; exit 2 ;;
 esac
 done
