@@ -1,6 +1,7 @@
 """Where resident mlx-lm's host time goes per decode token, on the thread flashmoe would use.
 
-    PYTHONPATH=. python bench/dispatch_probe.py MODEL_PATH [--tokens 32] [--k 4] [--rounds 3] [--dtype float32]
+    PYTHONPATH=. python bench/dispatch_probe.py MODEL_PATH [--tokens 32] [--k 4] [--rounds 3] \
+        [--dtype float32]
 
 mlx-lm's own decode loop (generate_step's pipelining: token t+1 built and started before t is
 read back), greedy, on the checkpoint loaded resident, timed per layer: wall, CPU time inside
