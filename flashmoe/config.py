@@ -52,7 +52,6 @@ class IOConfig:
     direct: bool = False
     verify: bool = False
     readahead: bool = False  # the kernel's readahead on expert files (off: POSIX_FADV_RANDOM)
-    reader_slice_us: int = 100  # reader threads' scheduler slice (Linux EEVDF); 0: the kernel's
     cuda_copy: bool = True  # CUDA builds: pinned staging + driver copies; elsewhere ignored
     retries: int = 3
     layout: str = "auto"  # auto | original | packed

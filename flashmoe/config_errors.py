@@ -14,7 +14,6 @@ CONFIG_KEYS = {
     "experts_per_token": "model.experts_per_token", "io_split": "io.split",
     "io_threads": "io.threads", "io_retries": "io.retries", "io_direct": "io.direct",
     "io_verify": "io.verify", "io_readahead": "io.readahead", "cuda_copy": "io.cuda_copy",
-    "io_reader_slice_us": "io.reader_slice_us",
     "layout": "io.layout",
     "cache_policy": "cache.policy",
     "cache_budget_gb": "cache.budget_gb", "prefetch": "cache.prefetch",

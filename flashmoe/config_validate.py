@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from flashmoe.conf_dir import available_options
 from flashmoe.config import BASELINES, K_REFERENCES
 from flashmoe.constants import (BATCH_COMPUTE, BITS, CACHE_POLICIES, DEVICES, DTYPES, GROUP_SIZES, IO_RETRIES,
-                                IO_READER_SLICE_US, IO_SPLIT, IO_THREADS, LAYOUTS)
+                                IO_SPLIT, IO_THREADS, LAYOUTS)
 from flashmoe.errors import ConfigError
 
 
@@ -121,7 +121,6 @@ def validate(cfg: DictConfig) -> None:
     _between(cfg, "io.split", *IO_SPLIT)
     _between(cfg, "io.threads", *IO_THREADS)
     _between(cfg, "io.retries", *IO_RETRIES)
-    _between(cfg, "io.reader_slice_us", *IO_READER_SLICE_US)
     _one_of(cfg, "io.layout", LAYOUTS)
     _one_of(cfg, "cache.policy", CACHE_POLICIES)
     _at_least(cfg, "cache.budget_gb", 0)

@@ -13,4 +13,3 @@ GROUP_SIZES = (32, 64, 128)
 IO_SPLIT = (1, 64)
 IO_THREADS = (1, 256)
 IO_RETRIES = (0, 100)
-IO_READER_SLICE_US = (0, 100_000)  # 0: the kernel's slice; Linux clamps to 100 µs..100 ms

@@ -123,8 +123,7 @@ def test_probe_times_only_the_trace_after_replaying_before(tmp_path):
 def test_cold_probe_starts_each_repeat_from_its_own_page_cache_state(monkeypatch):
     """Cold: the engine dropped the page cache before every repeat, so each repeat's probe
     drops it too (a later repeat's identical ranges are not probed warm) and replays that
-    repeat's prompt-pass reads untimed first; warm: no drop, nothing replayed first. Its
-    threads get the engine readers' scheduler slice (io.reader_slice_us)."""
+    repeat's prompt-pass reads untimed first; warm: no drop, nothing replayed first."""
     from types import SimpleNamespace
 
     from flashmoe.bench.probe import ProbeResult
@@ -133,8 +132,8 @@ def test_cold_probe_starts_each_repeat_from_its_own_page_cache_state(monkeypatch
     calls = []
     monkeypatch.setattr(bench, "drop_page_cache", lambda files: calls.append("drop"))
 
-    def fake_probe(trace, threads, before=(), slice_us=0):
-        calls.append(("probe", list(before), list(trace), threads, slice_us))
+    def fake_probe(trace, threads, before=()):
+        calls.append(("probe", list(before), list(trace), threads))
         return ProbeResult(10**9 * len(trace), 1.0 * len(trace))  # 1 GB/s
 
     monkeypatch.setattr(bench, "probe", fake_probe)
@@ -142,15 +141,13 @@ def test_cold_probe_starts_each_repeat_from_its_own_page_cache_state(monkeypatch
     traces = [([["p1"]], [["d1"], ["d2"]]), ([["p2"]], [["d3"]]), ([["p3"]], [])]
     for cold in (True, False):
         calls.clear()
-        io = SimpleNamespace(threads=3, reader_slice_us=70)
-        cfg = SimpleNamespace(task=SimpleNamespace(cold=cold), io=io)
+        cfg = SimpleNamespace(task=SimpleNamespace(cold=cold), io=SimpleNamespace(threads=3))
         probes = [bench._probe(engine, t, cfg) for t in traces]
         if cold:
-            assert calls == ["drop", ("probe", [["p1"]], [["d1"], ["d2"]], 3, 70),
-                             "drop", ("probe", [["p2"]], [["d3"]], 3, 70)]
+            assert calls == ["drop", ("probe", [["p1"]], [["d1"], ["d2"]], 3),
+                             "drop", ("probe", [["p2"]], [["d3"]], 3)]
         else:
-            assert calls == [("probe", [], [["d1"], ["d2"]], 3, 70),
-                             ("probe", [], [["d3"]], 3, 70)]
+            assert calls == [("probe", [], [["d1"], ["d2"]], 3), ("probe", [], [["d3"]], 3)]
         out = bench._probe_figures(probes, {"fetch_gbps": 0.5, "probe_tokens": 3})
         assert out["probe_gbps"] == 1.0 and out["fetch_vs_probe"] == 0.5
     none = bench._probe_figures([ProbeResult(0, 0.0)], {"fetch_gbps": 0.0, "probe_tokens": 1})

@@ -118,7 +118,6 @@ def test_load_profile_rejects_auto_and_unknown() -> None:
     ("io.split=65", "io.split=65 must be between 1 and 64"),
     ("io.threads=0", "io.threads=0"),
     ("io.retries=101", "io.retries=101"),
-    ("io.reader_slice_us=-1", "io.reader_slice_us=-1 must be between 0 and 100000"),
     ("cache.budget_gb=-1", "cache.budget_gb=-1.0"),
     ("cache.budget_gb=99", "hardware.memory_gb=24"),
     ("cache.policy=fifo", "cache.policy=fifo must be one of none, lru, lfu"),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from flashmoe.runtime.platform_io import evict, short_slice
+from flashmoe.runtime.platform_io import evict
 
 from flashmoe.runtime.fileio import pread_exact
 
@@ -33,19 +33,16 @@ def drop_page_cache(files: Sequence[Path]) -> str:
     return evict(files)
 
 
-def probe(trace: Sequence[Batch], threads: int, before: Sequence[Batch] = (),
-          slice_us: int = 0) -> ProbeResult:
+def probe(trace: Sequence[Batch], threads: int, before: Sequence[Batch] = ()) -> ProbeResult:
     """Replay every batch with `threads` threads, batch after batch, as the engine did.
 
     `before` is replayed first, untimed: the reads that preceded the timed ones in the
-    engine's run (a cold repeat's prompt pass), so the page cache holds what it held then.
-    `slice_us`: the engine's reader threads' scheduler slice (io.reader_slice_us), so the
-    probe's threads are scheduled as the engine's are."""
+    engine's run (a cold repeat's prompt pass), so the page cache holds what it held then."""
     biggest = max((n for b in (*before, *trace) for _, _, n in b), default=0)
     # page-aligned (anonymous mmap), so O_DIRECT descriptors in the trace read as they did
     buffers = [mmap.mmap(-1, max(biggest, 4096)) for _ in range(threads)]
     total, elapsed = 0, 0.0
-    with ThreadPoolExecutor(threads, initializer=short_slice, initargs=(slice_us,)) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         for batch in before:
             list(pool.map(_read_group, _groups(batch, threads), buffers))
         for batch in trace:

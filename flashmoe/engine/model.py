@@ -69,8 +69,7 @@ class Model:
         # O_DIRECT reads block even with RWF_NOWAIT: no inline pass for them
         self.io = IOPool(options.io_threads, options.io_split, options.io_retries,
                          reader=options.reader, on_retry=options.on_io_retry,
-                         inline_bytes=0 if options.io_direct else INLINE_BYTES,
-                         slice_us=options.io_reader_slice_us)
+                         inline_bytes=0 if options.io_direct else INLINE_BYTES)
         try:
             self.store = ExpertStore(resident.experts, self._packed(), direct=options.io_direct,
                                      readahead=options.io_readahead)

@@ -6,8 +6,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from flashmoe.constants import (CACHE_POLICIES, DEVICES, IO_READER_SLICE_US, IO_RETRIES,
-                                IO_SPLIT, IO_THREADS, LAYOUTS)
+from flashmoe.constants import CACHE_POLICIES, DEVICES, IO_RETRIES, IO_SPLIT, IO_THREADS, LAYOUTS
 from flashmoe.errors import OptionError
 from flashmoe.runtime.dist import ExpertParallel
 from flashmoe.runtime.io_pool import Reader
@@ -26,7 +25,6 @@ class EngineOptions:
     io_direct: bool = False  # O_DIRECT reads via aligned bounce buffers (skips the page cache)
     io_verify: bool = False  # check each read expert's xxh64 (needs the packed layout)
     io_readahead: bool = False  # kernel readahead on expert files (off: each read its range)
-    io_reader_slice_us: int = 100  # reader threads' scheduler slice (Linux >= 6.12); 0: the kernel's
     cuda_copy: bool = True  # CUDA: pinned staging + cuMemcpyHtoDAsync (a no-op elsewhere)
     layout: str = "auto"  # auto | original | packed (auto: packed when <ckpt>/flashmoe-packed exists)
     cache_policy: str = "lru"
@@ -43,8 +41,7 @@ class EngineOptions:
     def check(self) -> None:
         """Ranges and sets, in the engine's words; checkpoint-dependent limits come at open."""
         for name, (lo, hi) in (("io_split", IO_SPLIT), ("io_threads", IO_THREADS),
-                               ("io_retries", IO_RETRIES),
-                               ("io_reader_slice_us", IO_READER_SLICE_US)):
+                               ("io_retries", IO_RETRIES)):
             value = getattr(self, name)
             if not (isinstance(value, int) and lo <= value <= hi):
                 raise OptionError(name, value, f"must be between {lo} and {hi}")

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import structlog
 
-from flashmoe.runtime.platform_io import page_size, short_slice
+from flashmoe.runtime.platform_io import page_size
 from flashmoe.errors import ExpertReadError
 
 PAGE = page_size()  # split cuts and O_DIRECT alignment follow the OS page
@@ -130,7 +130,7 @@ class IOPool:
 
     def __init__(self, threads: int, split: int, retries: int = 3,
                  reader: Reader | None = None, on_retry: Callable[..., None] | None = None,
-                 inline_bytes: int = INLINE_BYTES, slice_us: int = 0) -> None:
+                 inline_bytes: int = INLINE_BYTES) -> None:
         # threads, split and retries were range-checked with the engine's options
         self.threads, self.split, self.retries = threads, split, retries
         self._reader = reader or os.preadv
@@ -138,9 +138,7 @@ class IOPool:
         self.inline_bytes = inline_bytes if reader is None and NOWAIT else 0
         self._on_retry = on_retry
         self._log = _io_logger()
-        # slice_us > 0: each reader preempts the decode's compute when its read completes
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flashmoe-io",
-                                        initializer=short_slice, initargs=(slice_us,))
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flashmoe-io")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

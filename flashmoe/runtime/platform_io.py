@@ -1,24 +1,19 @@
 """Platform facts and their fallbacks, so no Linux-only call is reachable on macOS:
 uncached reads (O_DIRECT / F_NOCACHE), page-cache eviction for cold runs (posix_fadvise /
-msync MS_INVALIDATE, what `vmtouch -e` does on macOS), the OS page size, Metal's buffer cap,
-a reader thread's scheduler slice (Linux EEVDF)."""
+msync MS_INVALIDATE, what `vmtouch -e` does on macOS), the OS page size, Metal's buffer cap."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import mmap
 import os
-import platform
-import struct
 import sys
-import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
 from flashmoe.errors import OptionError
 
 MS_INVALIDATE = 0x2  # the same bit on Linux and macOS
-SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}  # syscall numbers (glibc has no wrapper)
 
 
 def page_size() -> int:
@@ -58,23 +53,6 @@ def no_readahead(fd: int) -> None:
     no posix_fadvise (macOS) its reads are left as they are."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-
-
-def short_slice(slice_us: int) -> bool:
-    """Give the calling thread a scheduler slice of `slice_us` µs (Linux ≥ 6.12, EEVDF: no
-    privilege needed). A thread with a shorter slice than the one running preempts it when it
-    wakes: a reader whose pread completed copies its bytes at once instead of waiting out the
-    decode's compute slice (~1.5 ms here). Its CPU share is unchanged. False where the kernel
-    or platform has no such slice (the thread keeps the default)."""
-    nr = SCHED_SETATTR.get(platform.machine()) if sys.platform == "linux" else None
-    if nr is None or slice_us <= 0:
-        return False
-    nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    # struct sched_attr (VER1, 56 bytes): SCHED_OTHER, this nice, sched_runtime = the slice
-    attr = ctypes.create_string_buffer(struct.pack("=IIQiIQQQII", 56, 0, 0, nice, 0,
-                                                   slice_us * 1000, 0, 0, 0, 0))
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.syscall(nr, 0, attr, 0) == 0
 
 
 def cold_method() -> str:

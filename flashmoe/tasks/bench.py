@@ -137,8 +137,7 @@ def _probe(engine: Engine, trace: tuple[list, list], cfg: DictConfig) -> ProbeRe
         return ProbeResult(0, 0.0)
     if cfg.task.cold:
         drop_page_cache(engine.files)
-    return probe(decode, cfg.io.threads, before=prompt_reads if cfg.task.cold else (),
-                 slice_us=cfg.io.reader_slice_us)
+    return probe(decode, cfg.io.threads, before=prompt_reads if cfg.task.cold else ())
 
 
 def _probe_figures(probes: list[ProbeResult], figs: dict) -> dict:
