@@ -46,6 +46,7 @@ def test_every_hardware_and_task_composes_and_validates() -> None:
             assert cfg.task.name == task
             assert hw == "auto" or cfg.hardware.name == hw
             assert cfg.io.split == cfg.hardware.io_split and cfg.io.threads == cfg.hardware.io_threads
+            assert cfg.io.direct == cfg.hardware.io_direct == (cfg.hardware.name == "linux_cpu")
             assert cfg.cache.budget_gb == cfg.hardware.cache_budget_gb
             OmegaConf.to_container(cfg, resolve=True)  # no dangling interpolation
 
@@ -72,6 +73,8 @@ def test_auto_resolves_and_keeps_user_overrides() -> None:
     assert resolved.io.threads == 3  # the user's value, not the profile's 4
     profile = load_profile("linux_cpu")
     assert resolved.io.split == profile.io_split and resolved.hardware.dtype == profile.dtype
+    assert resolved.io.direct is True  # linux_cpu reads experts O_DIRECT (BENCHMARKS.md i)
+    assert resolve_hardware(compose_config(["io.direct=false"]), profile="linux_cpu").io.direct is False
     assert cfg.hardware.name == "auto"  # the input is left alone
 
 
