@@ -93,6 +93,9 @@ def test_auto_scales_the_profile_to_the_machine() -> None:
     assert cfg.hardware.name == "h200" and cfg.hardware.memory_gb == 139.8
     assert cfg.hardware.cache_budget_gb == round(139.8 * h200.cache_budget_gb / h200.memory_gb, 1)
     assert "picked h200 for AMD EPYC (NVIDIA H200, 140 GiB GPU memory" in picked_line(cfg, gpu)
+    cpu = Machine("Linux", "x86_64", "AMD EPYC", 24.0)
+    for override, shown in (([], "io.direct=true"), (["io.direct=false"], "io.direct=false")):
+        assert shown in picked_line(resolve_hardware(compose_config(override), machine=cpu), cpu)
     mac = Machine("Darwin", "arm64", "Apple M4 Pro", 64.0)
     cfg = resolve_hardware(compose_config(["hardware.memory_gb=32"]), machine=mac)
     assert cfg.hardware.name == "m4pro"  # the chip, not the RAM (64 would say m3max)
