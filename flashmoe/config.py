@@ -28,6 +28,7 @@ class HardwareConfig:
     cache_budget_gb: float = MISSING
     io_threads: int = MISSING
     io_split: int = MISSING
+    io_direct: bool = MISSING  # io.direct's default: O_DIRECT expert reads (linux_cpu: BENCHMARKS.md i)
     device: str = MISSING  # cpu | gpu
     dtype: str = MISSING  # activations: float32 | bfloat16 | float16
     ssd_gbps: float = MISSING  # documentation of the disk; reported next to achieved GB/s
@@ -49,7 +50,7 @@ class ModelConfig:
 class IOConfig:
     split: int = II("hardware.io_split")
     threads: int = II("hardware.io_threads")
-    direct: bool = False
+    direct: bool = II("hardware.io_direct")
     verify: bool = False
     readahead: bool = False  # the kernel's readahead on expert files (off: POSIX_FADV_RANDOM)
     cuda_copy: bool = True  # CUDA builds: pinned staging + driver copies; elsewhere ignored

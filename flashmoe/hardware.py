@@ -159,4 +159,5 @@ def picked_line(cfg: DictConfig, machine: Machine) -> str:
     h = cfg.hardware
     return (f"hardware=auto picked {h.name} for {machine.describe()}: memory_gb={h.memory_gb} "
             f"cache_budget_gb={h.cache_budget_gb} io.threads={h.io_threads} "
-            f"io.split={h.io_split} device={h.device} dtype={h.dtype}")
+            f"io.split={h.io_split} io.direct={str(cfg.io.direct).lower()} device={h.device} "
+            f"dtype={h.dtype}")

@@ -46,6 +46,7 @@ def test_every_hardware_and_task_composes_and_validates() -> None:
             assert cfg.task.name == task
             assert hw == "auto" or cfg.hardware.name == hw
             assert cfg.io.split == cfg.hardware.io_split and cfg.io.threads == cfg.hardware.io_threads
+            assert cfg.io.direct == cfg.hardware.io_direct == (cfg.hardware.name == "linux_cpu")
             assert cfg.cache.budget_gb == cfg.hardware.cache_budget_gb
             OmegaConf.to_container(cfg, resolve=True)  # no dangling interpolation
 
@@ -72,6 +73,8 @@ def test_auto_resolves_and_keeps_user_overrides() -> None:
     assert resolved.io.threads == 3  # the user's value, not the profile's 4
     profile = load_profile("linux_cpu")
     assert resolved.io.split == profile.io_split and resolved.hardware.dtype == profile.dtype
+    assert resolved.io.direct is True  # linux_cpu reads experts O_DIRECT (BENCHMARKS.md i)
+    assert resolve_hardware(compose_config(["io.direct=false"]), profile="linux_cpu").io.direct is False
     assert cfg.hardware.name == "auto"  # the input is left alone
 
 
@@ -90,6 +93,9 @@ def test_auto_scales_the_profile_to_the_machine() -> None:
     assert cfg.hardware.name == "h200" and cfg.hardware.memory_gb == 139.8
     assert cfg.hardware.cache_budget_gb == round(139.8 * h200.cache_budget_gb / h200.memory_gb, 1)
     assert "picked h200 for AMD EPYC (NVIDIA H200, 140 GiB GPU memory" in picked_line(cfg, gpu)
+    cpu = Machine("Linux", "x86_64", "AMD EPYC", 24.0)
+    for override, shown in (([], "io.direct=true"), (["io.direct=false"], "io.direct=false")):
+        assert shown in picked_line(resolve_hardware(compose_config(override), machine=cpu), cpu)
     mac = Machine("Darwin", "arm64", "Apple M4 Pro", 64.0)
     cfg = resolve_hardware(compose_config(["hardware.memory_gb=32"]), machine=mac)
     assert cfg.hardware.name == "m4pro"  # the chip, not the RAM (64 would say m3max)

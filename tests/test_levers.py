@@ -163,3 +163,20 @@ def test_expert_files_are_read_without_readahead(packed, monkeypatch):
             assert advised == want and store.fds
         finally:
             store.close()
+
+
+async def test_direct_bounce_holds_one_fetch_not_one_row_per_slot(packed):
+    """io.direct reads into a bounce buffer borrowed per fetch: its rows are that fetch's misses
+    (at most a layer's experts), not one per slot (the linux_cpu cache is ~1,100 slots of
+    7 MB: 8 GB of unswappable shared pages); a fetch's copy out of it is part of its time."""
+    path, ref = packed
+    slots = 64
+    got, engine = await flashmoe_trace(path, PROMPT, STEPS, layout="original", io_direct=True,
+                                       cache_budget_gb=budget_for(path, slots))
+    assert_exact(ref, got)
+    fetch = engine.pipeline.fetch
+    experts = max(le.num_experts for le in engine.store.layers.values())
+    bounces = [b for idle in fetch._bounce.values() for b in idle]
+    assert bounces and all(b.n <= experts for b in bounces)
+    assert all(p.n >= slots > experts for p in fetch.pools.values())
+    assert all(s.expert_fetch_ms > 0 for s in engine.totals.steps if s.experts_fetched)

@@ -12,9 +12,13 @@ Copy = tuple[np.ndarray, np.ndarray]  # (source inside the bounce buffer, destin
 
 
 class DirectBounce:
-    """Per slot, one aligned region per expert part (anonymous mmap: page-aligned)."""
+    """`n` rows (one per expert read by a fetch), one aligned region per expert part
+    (anonymous mmap: page-aligned). A fetch borrows one for its misses and gives it back once
+    they are copied out (ExpertFetchStage): memory is one batch's bytes, not one per slot
+    (8 GB of unswappable shared pages with the linux_cpu cache)."""
 
     def __init__(self, part_bytes: list[int], n: int) -> None:
+        self.n = n
         sizes = [-(-nb // PAGE) * PAGE + PAGE for nb in part_bytes]  # + a page of misalignment
         self._starts = [sum(sizes[:i]) for i in range(len(sizes))]
         self._sizes = sizes
@@ -22,11 +26,11 @@ class DirectBounce:
         self._mm = mmap.mmap(-1, max(n * per_slot, PAGE))
         self._buf = np.frombuffer(self._mm, dtype=np.uint8)[: n * per_slot].reshape(n, per_slot)
 
-    def job(self, fd: int, offset: int, dest: np.ndarray, slot: int, part: int,
+    def job(self, fd: int, offset: int, dest: np.ndarray, row: int, part: int,
             what: str) -> tuple[ReadJob, Copy]:
         start = offset // PAGE * PAGE
         end = -(-(offset + dest.nbytes) // PAGE) * PAGE
-        region = self._buf[slot, self._starts[part]: self._starts[part] + (end - start)]
+        region = self._buf[row, self._starts[part]: self._starts[part] + (end - start)]
         src = region[offset - start: offset - start + dest.nbytes]
         return ReadJob(fd, start, region, what), (src, dest)
 

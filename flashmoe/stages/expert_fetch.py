@@ -20,7 +20,7 @@ class ExpertFetchStage:
     def __init__(self, store: ExpertStore, pools: dict[int, SlotPool], io: IOPool,
                  verify: bool = False) -> None:
         self.store, self.pools, self.io, self.verify = store, pools, io, verify
-        self._bounce: dict[int, DirectBounce] = {}
+        self._bounce: dict[int, list[DirectBounce]] = {}  # per pool: idle bounce buffers
         self._staging: dict[int, PinnedStaging] = {}  # CUDA: per pool
 
     def plan(self, layer: int, experts: tuple[int, ...]) -> list[list[int]]:
@@ -38,7 +38,9 @@ class ExpertFetchStage:
         """read=False: bench's compute-alone run; the slots keep stale bytes."""
         pool = self.pools[layer]
         grant = pool.grant(layer, experts)
-        jobs, copies = self._jobs(layer, pool, grant) if pool.cuda is None else ([], [])
+        bounce = (self._take_bounce(pool, layer, len(grant.misses))
+                  if self.store.direct and pool.cuda is None else None)
+        jobs, copies = self._jobs(layer, pool, grant, bounce) if pool.cuda is None else ([], [])
         if observer is not None and jobs:
             observer.expert_reads(layer, [(j.fd, j.offset, j.nbytes) for j in jobs])
         try:
@@ -46,13 +48,17 @@ class ExpertFetchStage:
                 nbytes, ms = await self._read_staged(layer, pool, grant, observer)
             else:
                 nbytes, ms = await self.io.read(jobs if read else [])
-            if copies and read:
+            if copies and read:  # io.direct: out of the bounce rows, part of the fetch's time
+                t0 = time.perf_counter()
                 await asyncio.to_thread(copy_all, copies)
+                ms += (time.perf_counter() - t0) * 1e3
             if self.verify and read:
                 self._check(layer, pool, grant)
-        except BaseException:
+        except BaseException:  # a cancelled fetch's reads may still land: its bounce is dropped
             pool.release(grant, valid=False)  # never leave half-read bytes marked cached
             raise
+        if bounce is not None:  # every read into it has ended and been copied out
+            self._bounce[id(pool)].append(bounce)
         if read:
             for _, s in grant.misses + grant.promoted:
                 pool.store.finish(s)
@@ -65,17 +71,17 @@ class ExpertFetchStage:
                                                + len(grant.promoted))
         return Fetched(layer, grant, nbytes, ms)
 
-    def _jobs(self, layer: int, pool: SlotPool, grant: SlotGrant) -> tuple[list[ReadJob], list[Copy]]:
+    def _jobs(self, layer: int, pool: SlotPool, grant: SlotGrant,
+              bounce: DirectBounce | None) -> tuple[list[ReadJob], list[Copy]]:
         jobs, plain, copies = [], [], []
         parts = self.store.layers[layer].parts
-        bounce = self._bounce_for(pool, parts) if self.store.direct else None
-        for e, s in grant.misses:
+        for row, (e, s) in enumerate(grant.misses):
             for i, (part, rng, view) in enumerate(zip(parts, self.store.ranges(layer, e),
                                                       pool.store.views(s))):
                 what = ReadLabel(layer, e, part.key, self.store.names[rng.file_id])
                 if bounce is not None and _aligned_end(rng) <= self.store.sizes[rng.file_id]:
-                    job, cp = bounce.job(self.store.direct_fds[rng.file_id], rng.offset, view, s,
-                                         i, what)
+                    job, cp = bounce.job(self.store.direct_fds[rng.file_id], rng.offset, view,
+                                         row, i, what)
                     jobs.append(job)
                     copies.append(cp)
                 else:
@@ -130,11 +136,16 @@ class ExpertFetchStage:
                        list(zip(pool.store.views(slot), staging.views(row))))
         return got
 
-    def _bounce_for(self, pool: SlotPool, parts) -> DirectBounce:
-        key = id(pool)
-        if key not in self._bounce:
-            self._bounce[key] = DirectBounce([p.nbytes for p in parts], pool.n)
-        return self._bounce[key]
+    def _take_bounce(self, pool: SlotPool, layer: int, rows: int) -> DirectBounce:
+        """An idle bounce buffer of at least `rows` rows for one fetch (fetches of one pool
+        may overlap: each holds its own); a larger one replaces a too small one."""
+        idle = self._bounce.setdefault(id(pool), [])
+        for i, b in enumerate(idle):
+            if b.n >= rows:
+                return idle.pop(i)
+        if idle:
+            idle.pop()  # too small for this fetch: let it go rather than keep both
+        return DirectBounce([p.nbytes for p in self.store.layers[layer].parts], max(rows, 1))
 
     def _check(self, layer: int, pool: SlotPool, grant: SlotGrant) -> None:
         """io.verify: each read expert must hash to the packed manifest's xxh64."""
