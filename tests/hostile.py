@@ -45,6 +45,7 @@ class SlowReader:
     prefetch_ms: float = 0.0  # added to each read a prefetch issues (under slow_prefetch)
     calls: int = 0
     sizes: list[int] = field(default_factory=list)
+    direct: list[bool] = field(default_factory=list)  # read through an O_DIRECT descriptor
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -55,6 +56,7 @@ class SlowReader:
         with self.lock:
             self.calls += 1
             self.sizes.append(buf.nbytes)
+            self.direct.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)))
             delay = self._rng.uniform(0, self.max_ms) / 1e3
             cut = self._rng.random() < 0.25 if self.short else False
         if PREFETCHING.get():

@@ -45,8 +45,18 @@ LEVERS = [
 ]
 
 
+@pytest.fixture
+def direct_from_64k(monkeypatch):
+    """io.direct reads ranges from 64 KiB on: the fixture's 128 KiB weight parts go direct,
+    its smaller scales and biases through the page cache (the real threshold, 1 MiB, is
+    above every range of these fixtures)."""
+    from flashmoe.stages import expert_fetch
+
+    monkeypatch.setattr(expert_fetch, "DIRECT_MIN_BYTES", 64 * 1024)
+
+
 @pytest.mark.parametrize("opts", LEVERS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-async def test_every_lever_matches_mlx_lm(packed, opts):
+async def test_every_lever_matches_mlx_lm(packed, opts, direct_from_64k):
     path, ref = packed
     opts = dict(opts)
     if "slots" in opts:
@@ -165,7 +175,20 @@ def test_expert_files_are_read_without_readahead(packed, monkeypatch):
             store.close()
 
 
-async def test_direct_bounce_holds_one_fetch_not_one_row_per_slot(packed):
+async def test_direct_reads_only_large_ranges_and_stays_exact(packed, direct_from_64k):
+    """io.direct: ranges from DIRECT_MIN_BYTES on are read O_DIRECT, smaller ones buffered."""
+    path, ref = packed
+    reader = SlowReader(max_ms=0, scribble=False, short=False)
+    got, _ = await flashmoe_trace(path, PROMPT, STEPS, layout="original", io_direct=True,
+                                  cache_policy="none", reader=reader)
+    assert_exact(ref, got)
+    reads = list(zip(reader.sizes, reader.direct))
+    assert any(d for n, d in reads if n >= 128 * 1024)  # the weight parts, direct
+    assert any(n < 64 * 1024 for n, _ in reads)  # the scales and biases ...
+    assert not any(d for n, d in reads if n < 64 * 1024)  # ... buffered
+
+
+async def test_direct_bounce_holds_one_fetch_not_one_row_per_slot(packed, direct_from_64k):
     """io.direct reads into a bounce buffer borrowed per fetch: its rows are that fetch's misses
     (at most a layer's experts), not one per slot (the linux_cpu cache is ~1,100 slots of
     7 MB: 8 GB of unswappable shared pages); a fetch's copy out of it is part of its time."""

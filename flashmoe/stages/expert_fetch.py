@@ -16,6 +16,13 @@ from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
 from flashmoe.stages.messages import Fetched, StepStats
 
 
+# io.direct reads a range with O_DIRECT only from this size on: a real model's (and synth's)
+# 2 MiB+ expert weights, where a cold buffered read costs several times the CPU (BENCHMARKS.md
+# (i)); small ranges (scales, biases, the demo's 16-256 KiB tensors) stay buffered, so what
+# the page cache holds is still served from it
+DIRECT_MIN_BYTES = 2**20
+
+
 class ExpertFetchStage:
     def __init__(self, store: ExpertStore, pools: dict[int, SlotPool], io: IOPool,
                  verify: bool = False) -> None:
@@ -79,7 +86,8 @@ class ExpertFetchStage:
             for i, (part, rng, view) in enumerate(zip(parts, self.store.ranges(layer, e),
                                                       pool.store.views(s))):
                 what = ReadLabel(layer, e, part.key, self.store.names[rng.file_id])
-                if bounce is not None and _aligned_end(rng) <= self.store.sizes[rng.file_id]:
+                if (bounce is not None and rng.nbytes >= DIRECT_MIN_BYTES
+                        and _aligned_end(rng) <= self.store.sizes[rng.file_id]):
                     job, cp = bounce.job(self.store.direct_fds[rng.file_id], rng.offset, view,
                                          row, i, what)
                     jobs.append(job)
