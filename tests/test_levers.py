@@ -47,9 +47,8 @@ LEVERS = [
 
 @pytest.fixture
 def direct_from_64k(monkeypatch):
-    """io.direct reads ranges from 64 KiB on: the fixture's 128 KiB weight parts go direct,
-    its smaller scales and biases through the page cache (the real threshold, 1 MiB, is
-    above every range of these fixtures)."""
+    """io.direct reads experts from 64 KiB on: the fixture's (~0.4 MB) go direct (the real
+    threshold, 1 MiB, is above these fixtures' experts)."""
     from flashmoe.stages import expert_fetch
 
     monkeypatch.setattr(expert_fetch, "DIRECT_MIN_BYTES", 64 * 1024)
@@ -175,17 +174,21 @@ def test_expert_files_are_read_without_readahead(packed, monkeypatch):
             store.close()
 
 
-async def test_direct_reads_only_large_ranges_and_stays_exact(packed, direct_from_64k):
-    """io.direct: ranges from DIRECT_MIN_BYTES on are read O_DIRECT, smaller ones buffered."""
+@pytest.mark.parametrize("threshold, direct", [(64 * 1024, True), (None, False)])
+async def test_direct_reads_only_large_experts_and_stays_exact(packed, monkeypatch, threshold,
+                                                                direct):
+    """io.direct: experts of DIRECT_MIN_BYTES or more are read O_DIRECT (every range of them),
+    smaller ones (the real 1 MiB is above this fixture's) buffered."""
+    from flashmoe.stages import expert_fetch
+
+    if threshold is not None:
+        monkeypatch.setattr(expert_fetch, "DIRECT_MIN_BYTES", threshold)
     path, ref = packed
     reader = SlowReader(max_ms=0, scribble=False, short=False)
     got, _ = await flashmoe_trace(path, PROMPT, STEPS, layout="original", io_direct=True,
                                   cache_policy="none", reader=reader)
     assert_exact(ref, got)
-    reads = list(zip(reader.sizes, reader.direct))
-    assert any(d for n, d in reads if n >= 128 * 1024)  # the weight parts, direct
-    assert any(n < 64 * 1024 for n, _ in reads)  # the scales and biases ...
-    assert not any(d for n, d in reads if n < 64 * 1024)  # ... buffered
+    assert reader.direct and all(d == direct for d in reader.direct)
 
 
 async def test_direct_bounce_holds_one_fetch_not_one_row_per_slot(packed, direct_from_64k):

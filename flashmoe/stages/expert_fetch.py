@@ -16,10 +16,11 @@ from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
 from flashmoe.stages.messages import Fetched, StepStats
 
 
-# io.direct reads a range with O_DIRECT only from this size on: a real model's (and synth's)
-# 2 MiB+ expert weights, where a cold buffered read costs several times the CPU (BENCHMARKS.md
-# (i)); small ranges (scales, biases, the demo's 16-256 KiB tensors) stay buffered, so what
-# the page cache holds is still served from it
+# io.direct reads an expert with O_DIRECT only from this size on: a real model's (and synth's)
+# 7 MB experts, where a cold buffered read costs several times the CPU (BENCHMARKS.md (i));
+# small experts (the demo's 0.84 MB) stay buffered, so what the page cache holds is still
+# served from it (all direct, the demo lost 0.87 -> 0.74 fetch_vs_probe). Per expert, not per
+# range: a range-size threshold left synth's 128 KiB scales buffered and fell back to 0.69.
 DIRECT_MIN_BYTES = 2**20
 
 
@@ -82,12 +83,13 @@ class ExpertFetchStage:
               bounce: DirectBounce | None) -> tuple[list[ReadJob], list[Copy]]:
         jobs, plain, copies = [], [], []
         parts = self.store.layers[layer].parts
+        if bounce is not None and self.store.layers[layer].expert_nbytes < DIRECT_MIN_BYTES:
+            bounce = None  # small experts: buffered (above)
         for row, (e, s) in enumerate(grant.misses):
             for i, (part, rng, view) in enumerate(zip(parts, self.store.ranges(layer, e),
                                                       pool.store.views(s))):
                 what = ReadLabel(layer, e, part.key, self.store.names[rng.file_id])
-                if (bounce is not None and rng.nbytes >= DIRECT_MIN_BYTES
-                        and _aligned_end(rng) <= self.store.sizes[rng.file_id]):
+                if bounce is not None and _aligned_end(rng) <= self.store.sizes[rng.file_id]:
                     job, cp = bounce.job(self.store.direct_fds[rng.file_id], rng.offset, view,
                                          row, i, what)
                     jobs.append(job)
