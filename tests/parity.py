@@ -141,3 +141,11 @@ def expert_nbytes(path: Path) -> int:
 def budget_for(path: Path, slots: int) -> float:
     """cache.budget_gb that buys exactly `slots` slots (one pool: one expert layout)."""
     return (slots + 0.5) * expert_nbytes(path) / GIB
+
+
+def step_counts(engine: Engine, key: str) -> tuple[int, int]:
+    """(the decode stat `key` summed over the engine's steps, steps that fell back to the
+    per-layer path part-way)."""
+    steps = engine.totals.steps
+    return (sum(s.extra.get(key, 0) for s in steps),
+            sum("speculation_missed_at" in s.extra for s in steps))

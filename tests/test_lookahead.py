@@ -10,7 +10,7 @@ import pytest
 from flashmoe.engine import Engine, EngineOptions
 from flashmoe.engine.session import Session
 from tests.parity import (Trace, assert_exact, budget_for, flashmoe_trace, mlx_lm_trace,
-                          record_forward)
+                          record_forward, step_counts)
 
 FAMILIES = ["qwen3_5_moe", "qwen3_next", "qwen3_moe", "mixtral", "qwen2_moe"]
 PROMPT = [5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150]
@@ -24,9 +24,7 @@ async def greedy_trace(path, n: int = STEPS, **opts) -> tuple[Trace, Engine]:
 
 
 def _ahead_steps(engine) -> tuple[int, int]:
-    steps = engine.totals.steps
-    return (sum(s.extra.get("built_ahead", 0) for s in steps),
-            sum("speculation_missed_at" in s.extra for s in steps))
+    return step_counts(engine, "built_ahead")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -12,7 +12,7 @@ import pytest
 from flashmoe.engine.session import Session
 from flashmoe.stages.speculate import Speculator
 from tests.parity import (assert_exact, budget_for, first_difference, flashmoe_trace,
-                          mlx_lm_trace)
+                          mlx_lm_trace, step_counts)
 
 FAMILIES = ["qwen3_5_moe", "qwen3_next", "qwen3_moe", "mixtral", "qwen2_moe"]
 PROMPT = [5, 99, 310, 42, 7, 256, 11, 300, 64, 2, 77, 150]
@@ -21,9 +21,7 @@ STEPS = 24
 
 def _counts(engine) -> tuple[int, int]:
     """(layers served whole-token, steps that fell back to the per-layer path part-way)."""
-    steps = engine.totals.steps
-    return (sum(s.extra.get("speculated_layers", 0) for s in steps),
-            sum("speculation_missed_at" in s.extra for s in steps))
+    return step_counts(engine, "speculated_layers")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -36,7 +36,6 @@ class HostTier:
         self._rows = raw[: n * self.row_bytes].reshape(n, self.row_bytes)  # lazily backed
         self._table: OrderedDict[Key, int] = OrderedDict()  # least recently demoted first
         self._kept: OrderedDict[Key, int] = OrderedDict()  # promoted, copy still here
-        self._taken: dict[int, Key] = {}  # rows reserved for a promotion under way
         self._free = list(range(n - 1, -1, -1))
         self.hits = self.demoted = self.dropped = self.kept = 0
 
@@ -82,17 +81,15 @@ class HostTier:
     def take(self, key: Key) -> int:
         """Reserve the expert's row for a promotion: it leaves the table but is not reused
         (a demotion in between must not overwrite it) until copy_back()."""
-        row = self._table.pop(key)
-        self._taken[row] = key
-        return row
+        return self._table.pop(key)
 
     def promote(self, key: Key, views: list[np.ndarray], slot: tuple = ()) -> None:
-        self.copy_back(self.take(key), views, slot)
+        self.copy_back(key, self.take(key), views, slot)
 
-    def copy_back(self, row: int, views: list[np.ndarray], slot: tuple = ()) -> None:
-        """Copy a taken row into its new slot's `views`; the row stays as a kept copy. On CUDA
-        the copy is enqueued (after the slot's drain and the row's demotion; a later demotion
-        into the row waits for it): synchronise before reading the slot."""
+    def copy_back(self, key: Key, row: int, views: list[np.ndarray], slot: tuple = ()) -> None:
+        """Copy `key`'s taken row into its new slot's `views`; the row stays as its kept copy.
+        On CUDA the copy is enqueued (after the slot's drain and the row's demotion; a later
+        demotion into the row waits for it): synchronise before reading the slot."""
         src = self._rows[row]
         pairs = [(v.reshape(-1), src[a:b]) for v, a, b in zip(views, self._cuts, self._cuts[1:])]
         if self._cuda is not None:
@@ -100,7 +97,7 @@ class HostTier:
         else:
             for d, s in pairs:
                 d[:] = s
-        self._kept[self._taken.pop(row)] = row
+        self._kept[key] = row
         self.hits += 1
 
     def copy_with(self, cuda: CudaCopy | None) -> None:

@@ -215,7 +215,7 @@ class SlotPool:
             host.demote(old, self.store.views(s), slot)
         self._assign(s, key)
         if row is not None:
-            host.copy_back(row, self.store.views(s), slot)
+            host.copy_back(key, row, self.store.views(s), slot)
             return True
         return False
 

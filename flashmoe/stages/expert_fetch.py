@@ -46,8 +46,9 @@ class ExpertFetchStage:
         """read=False: bench's compute-alone run; the slots keep stale bytes."""
         pool = self.pools[layer]
         grant = pool.grant(layer, experts)
-        bounce = (self._take_bounce(pool, layer, len(grant.misses))
-                  if self.store.direct and pool.cuda is None else None)
+        direct = (self.store.direct and pool.cuda is None
+                  and self.store.layers[layer].expert_nbytes >= DIRECT_MIN_BYTES)
+        bounce = self._take_bounce(pool, layer, len(grant.misses)) if direct else None
         jobs, copies = self._jobs(layer, pool, grant, bounce) if pool.cuda is None else ([], [])
         if observer is not None and jobs:
             observer.expert_reads(layer, [(j.fd, j.offset, j.nbytes) for j in jobs])
@@ -83,8 +84,6 @@ class ExpertFetchStage:
               bounce: DirectBounce | None) -> tuple[list[ReadJob], list[Copy]]:
         jobs, plain, copies = [], [], []
         parts = self.store.layers[layer].parts
-        if bounce is not None and self.store.layers[layer].expert_nbytes < DIRECT_MIN_BYTES:
-            bounce = None  # small experts: buffered (above)
         for row, (e, s) in enumerate(grant.misses):
             for i, (part, rng, view) in enumerate(zip(parts, self.store.ranges(layer, e),
                                                       pool.store.views(s))):
