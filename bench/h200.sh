@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU numbers on the lent H200 (see BENCHMARKS.md). Run through the device tool in two
 # calls: `bench/h200.sh fetch` carrying .whlA (first half of the mlx-cuda wheel), then
-# `bench/h200.sh all` carrying .whl2 and .whl (second half + the small wheels).
+# `bench/h200.sh all` carrying .whl2 and .whl (second half + the small wheels); a fresh
+# checkout makes those three folders with `bash bench/h200_wheels.sh`.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 W=/root/w; mkdir -p $W
