@@ -69,37 +69,34 @@ threads)  # is MLX-CUDA's dispatch dearer from a worker thread (where flashmoe's
   run timeout $(left) python3 bench/dispatch_probe.py $S --tokens 32 --k 4 --rounds 5 \
     | tee "$OUT/threads.log" ;;
 final)  # issue 12 and 11 in one call: cached K=4 beside resident mlx-lm, the page cache through
-  # the copy path, two tiers at K=10, cold, then 1 vs 8 streams. Runs under /root/runs; one
+  # the copy path, cold, then 1 vs 8 streams (two tiers at K=10: the k10 stage). Runs under /root/runs; one
   # digest line per run comes back in $OUT/final.log (the device tool returns few files).
   R=/root/runs; C="task=bench hardware=h200 model.path=$S task.check=mlx_lm task.tokens=32"
   run timeout 180 python3 -m flashmoe $C model.experts_per_token=4 cache.budget_gb=20.8 \
     task.baseline=mlx_lm task.repeats=2 hydra.run.dir=$R/k4_cached | tail -1
   run timeout 150 python3 -m flashmoe $C model.experts_per_token=4 cache=none \
     task.repeats=2 hydra.run.dir=$R/k4_none | tail -1
-  run timeout 120 python3 -m flashmoe $C model.experts_per_token=10 cache.budget_gb=26 \
-    cache.host_budget_gb=19.5 task.repeats=2 hydra.run.dir=$R/k10_tiers | tail -1
   run timeout 60 python3 -m flashmoe task=bench hardware=h200 model.path=$S \
     model.experts_per_token=4 cache=none task.cold=true task.tokens=16 task.repeats=1 \
     hydra.run.dir=$R/cold | tail -1
-  python3 bench/jsonl_digest.py $R/k4_cached $R/k4_none $R/k10_tiers $R/cold | tee "$OUT/final.log"
+  python3 bench/jsonl_digest.py $R/k4_cached $R/k4_none $R/cold | tee "$OUT/final.log"
   run timeout $(left) python3 -m flashmoe -m task=bench hardware=h200 model.path=$S \
     model.experts_per_token=4 cache.budget_gb=20.8 task.concurrency=1,8 \
     task.batch_compute=per_sequence,joint task.tokens=16 task.repeats=1 task.warmup=2 \
     hydra.sweep.dir=$R/batch | grep -c status=ok
   python3 bench/jsonl_digest.py $R/batch/[0-9]* | tee -a "$OUT/final.log" ;;
 k10)  # K=10 (the model's own), the two tiers at 13/60 of a box (26 GiB device + 19.5 GiB pinned
-  # host): as is (promoted experts' host rows kept: host_demotions_kept), with the next layer's
-  # experts guessed and promoted while a layer computes (cache.prefetch), and every expert in
-  # device slots beside resident mlx-lm (what the tiers cost). Digests into $OUT.
+  # host): victims copied out ahead (cache.clean_ahead, default 32) vs not (0), alternating,
+  # then with the next layer's experts guessed and promoted while a layer computes
+  # (cache.prefetch). The first run also pins 19.5 GiB and loads mlx-lm: 240 s. Digests.
   R=/root/runs; C="task=bench hardware=h200 model.path=$S model.experts_per_token=10 \
-task.check=mlx_lm task.tokens=32 task.repeats=2"
-  run timeout 150 python3 -m flashmoe $C cache.budget_gb=26 cache.host_budget_gb=19.5 \
-    hydra.run.dir=$R/k10_tiers | tail -1
-  run timeout 150 python3 -m flashmoe $C cache.budget_gb=26 cache.host_budget_gb=19.5 \
-    cache.prefetch=true hydra.run.dir=$R/k10_tiers_prefetch | tail -1
-  run timeout $(left) python3 -m flashmoe $C cache.budget_gb=45 task.baseline=mlx_lm \
-    hydra.run.dir=$R/k10_cached | tail -1
-  python3 bench/jsonl_digest.py $R/k10_tiers $R/k10_tiers_prefetch $R/k10_cached \
+task.check=mlx_lm task.tokens=32 task.repeats=2 cache.budget_gb=26 cache.host_budget_gb=19.5"
+  run timeout 240 python3 -m flashmoe $C hydra.run.dir=$R/k10_ahead | tail -1
+  run timeout 150 python3 -m flashmoe $C cache.clean_ahead=0 hydra.run.dir=$R/k10_noahead | tail -1
+  run timeout 150 python3 -m flashmoe $C hydra.run.dir=$R/k10_ahead2 | tail -1
+  run timeout $(left) python3 -m flashmoe $C cache.prefetch=true \
+    hydra.run.dir=$R/k10_prefetch | tail -1
+  python3 bench/jsonl_digest.py $R/k10_ahead $R/k10_noahead $R/k10_ahead2 $R/k10_prefetch \
     | tee "$OUT/k10.log" ;;
 both)  # scale and tiny side by side (correctness only: nothing here is timed)
   CUDA_VISIBLE_DEVICES=${GPU_B:-0} bash "$0" tiny > "$OUT/tiny.out" 2>&1 &

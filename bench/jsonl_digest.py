@@ -14,7 +14,8 @@ from pathlib import Path
 KEYS = ("status", "tok_s", "tokens_match", "vs_baseline", "baseline_tok_s", "cache_hit_rate",
         "expert_gb_per_token", "fetch_vs_probe", "overlap_ratio", "tok_s_aggregate",
         "tok_s_per_sequence", "tokens_match_solo", "concurrency", "batch_compute",
-        "experts_per_token", "device_hit_rate", "host_demotions_copied", "host_demotions_kept")
+        "experts_per_token", "device_hit_rate", "host_hit_rate", "host_demotions_copied",
+        "host_demotions_kept", "host_stashed")
 
 
 def digest(run: Path) -> str:
@@ -36,6 +37,8 @@ def digest(run: Path) -> str:
             rolled_back=sum("speculation_missed_at" in s for s in steps),
             built_ahead=sum(s.get("built_ahead", 0) for s in steps),
             host_hits=sum(s.get("experts_host_hit", 0) for s in steps),
+            host_hits_per_token_median=statistics.median(
+                s.get("experts_host_hit", 0) for s in steps),
             experts_fetched=sum(s.get("experts_fetched", 0) for s in steps),
             device_trip_ms_median=round(statistics.median(
                 s.get("device_trip_ms", 0.0) for s in steps), 3))

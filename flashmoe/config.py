@@ -63,6 +63,7 @@ class CacheConfig:
     policy: str = "lru"
     budget_gb: float = II("hardware.cache_budget_gb")
     host_budget_gb: float = 0.0  # host-RAM tier behind the slots (runtime/host_tier.py)
+    clean_ahead: int = 32  # CUDA, lru: next victims copied to the host tier ahead (0: off)
     prefetch: bool = False
 
 

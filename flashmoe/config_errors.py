@@ -18,6 +18,7 @@ CONFIG_KEYS = {
     "cache_policy": "cache.policy",
     "cache_budget_gb": "cache.budget_gb", "prefetch": "cache.prefetch",
     "cache_host_budget_gb": "cache.host_budget_gb",
+    "cache_clean_ahead": "cache.clean_ahead",
     "device": "hardware.device", "dtype": "hardware.dtype",
 }
 

@@ -125,6 +125,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg, "cache.policy", CACHE_POLICIES)
     _at_least(cfg, "cache.budget_gb", 0)
     _at_least(cfg, "cache.host_budget_gb", 0)
+    _at_least(cfg, "cache.clean_ahead", 0)
     if cfg.cache.budget_gb > cfg.hardware.memory_gb:
         _fail("cache.budget_gb", cfg.cache.budget_gb,
               f"must not exceed hardware.memory_gb={cfg.hardware.memory_gb}")

@@ -82,6 +82,44 @@ def test_kept_copies_make_room_before_any_demoted_expert_is_dropped():
     assert (out == 3).all()
 
 
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_clean_ahead_copies_the_next_victims_out_so_evicting_them_is_free(ahead):
+    """lru, 8 slots, a cycle of 12 experts: each miss evicts the least recent slot. With the
+    next 2 victims copied out ahead, every eviction finds its copy there: none copied as it
+    leaves, and each expert still comes back byte for byte."""
+    pool = SlotPool(spec(), 8, "lru", host=HostTier([16, 6], 16), clean_ahead=ahead)
+    want = {}
+    for e in list(range(12)) * 3:
+        g = pool.grant(0, [e])
+        fill(pool, g, 0)
+        (s,) = g.slots.values()
+        got = [v.copy() for v in pool.store.views(s)]
+        want.setdefault(e, got)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want[e])), e
+        pool.release(g)
+    evictions = 36 - 8
+    copied, kept = pool.host_demotions
+    assert copied + kept == evictions and pool.host_hits == evictions - 4  # 8..11 read once
+    if ahead:
+        assert copied == 0 and pool.host_stashed > 0
+    else:
+        assert copied > 0 and pool.host_stashed == 0
+
+
+def test_clean_ahead_stops_when_the_tier_has_no_spare_rows_for_it():
+    """8 slots + 5 rows for 12 experts: once the tier holds demoted experts, one row is
+    spare, fewer than twice the window; stashing would then reclaim its own copies' rows
+    every grant, so it stops (while the tier is still empty it may stash)."""
+    pool = SlotPool(spec(), 8, "lru", host=HostTier([16, 6], 5), clean_ahead=2)
+    for _ in range(3):
+        before = pool.host_stashed
+        for e in range(12):
+            g = pool.grant(0, [e])
+            fill(pool, g, 0)
+            pool.release(g)
+    assert pool.host_stashed == before and pool.host.spare() < 4
+
+
 def test_policy_none_has_no_host_tier():
     assert SlotPool(spec(), 2, "none", host=HostTier([16, 6], 3)).host is None
 
@@ -101,11 +139,11 @@ async def test_two_tiers_are_exact_and_counted(tiny, policy):
     hits0, reads0 = e0.cache_stats()
     hits1, reads1 = e1.cache_stats()
     assert reads1 + e1.host_hits() == reads0 and hits1 == hits0  # same lookups, fewer reads
-    copied, kept = e1.host_demotions()
+    copied, kept, stashed = e1.host_demotions()
     # the tier has room beyond the experts outside the slots: promotions leave copies there,
     # so most experts that churn out of the slots again need no copy (a kept one is one a
     # promotion left)
-    assert copied > 0 and 0 < kept <= e1.host_hits()
+    assert copied > 0 and 0 < kept <= e1.host_hits() and stashed == 0  # no CUDA: none ahead
 
 
 def test_the_run_summary_counts_each_tier(tiny, tmp_path):
@@ -126,6 +164,7 @@ def test_the_run_summary_counts_each_tier(tiny, tmp_path):
             if e["event"] == "run_summary"]
     assert s["host_hit_rate"] > 0 and s["device_hit_rate"] + s["host_hit_rate"] <= 1
     assert s["host_demotions_copied"] > 0 and s["host_demotions_kept"] > 0
+    assert s["host_stashed"] == 0  # copies ahead only with CUDA copies
 
 
 @pytest.mark.parametrize("policy, slots, prefetch", [("lru", 4, False), ("lfu", 5, False),

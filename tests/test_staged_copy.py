@@ -97,8 +97,8 @@ async def test_staged_copies_and_demotions_are_exact(wide, monkeypatch, host_gb,
     assert all(p.cuda is fake for p in engine.pipeline.fetch.pools.values()), \
         "the staged path was not used: nothing tested"
     assert fake.copies > 0
-    if host_gb:
-        assert engine.host_hits() > 0
+    if host_gb:  # promotions, and copies out ahead of evictions (SlotPool._clean_ahead)
+        assert engine.host_hits() > 0 and engine.host_demotions()[2] > 0
     assert_exact(ref, got)
 
 
@@ -156,3 +156,28 @@ def test_a_kept_row_taken_for_a_demotion_waits_for_the_promotion_reading_it():
     tier.promote((0, 2), [out], slot=("pool", 1))
     fake.synchronize(down=False)
     assert (out == 9).all()
+
+
+def test_a_slot_refilled_after_its_stash_waits_for_the_copy_out():
+    """An expert copied out ahead of its eviction (stash), then evicted and its slot refilled
+    by a promotion while the copy out has not run: the refill must wait for it, or the kept
+    copy would hold the new expert's bytes."""
+    from flashmoe.runtime.host_tier import HostTier
+
+    fake = DeferredCopy(prefer="up")
+    tier = HostTier([8], 3, alloc=fake.host_alloc, cuda=fake)
+    slots = np.zeros((2, 8), np.uint8)
+    slots[1] = 5
+    tier.demote((0, 2), [slots[1]], slot=("pool", 1))  # expert (0, 2) waits in the tier
+    fake.synchronize()  # ... and its copy out has landed: nothing else orders the streams
+    slots[0] = 7  # expert (0, 1) in slot 0
+    assert tier.stash((0, 1), [slots[0]], slot=("pool", 0)) and tier.has_copy((0, 1))
+    tier.demote((0, 1), [slots[0]], slot=("pool", 0))  # evicted: free, the stash is its copy
+    tier.promote((0, 2), [slots[0]], slot=("pool", 0))  # slot 0 refilled
+    fake.synchronize(down=False)
+    fake.synchronize(down=True)
+    assert (slots[0] == 5).all() and tier.kept == 1 and tier.demoted == 1
+    out = np.zeros(8, np.uint8)
+    tier.promote((0, 1), [out], slot=("pool", 1))
+    fake.synchronize(down=False)
+    assert (out == 7).all()

@@ -154,7 +154,7 @@ class Model:
                                 cuda_copy.host_allocator(self.cuda), self.cuda)
                 pool = SlotPool(spec, slots, self.options.cache_policy,
                                 upcast=self.options.dtype == "float32", host=host,
-                                cuda=self.cuda)
+                                cuda=self.cuda, clean_ahead=self._clean_ahead())
                 pools.update({i: pool for i in group})
         return pools
 
@@ -173,6 +173,12 @@ class Model:
         if not budget or self.options.cache_policy == "none":
             return 0
         return max(0, min(int(budget * GIB / groups // spec.expert_nbytes), experts))
+
+    def _clean_ahead(self) -> int:
+        """cache.clean_ahead with CUDA copies: the next victims' experts copied out on the
+        device-to-host stream (SlotPool._clean_ahead), beside the copies in and the compute.
+        Without them a copy out is a host memcpy on the critical path either way: 0."""
+        return self.options.cache_clean_ahead if self.cuda is not None else 0
 
     def _slot_cap(self, spec) -> int:
         """Most slots one pool may hold: each part's slot array stays within 2 GiB (and
@@ -251,10 +257,12 @@ class Model:
         """Misses of the slots served by the host tier (cache.host_budget_gb)."""
         return sum(p.host_hits for p in self.unique_pools())
 
-    def host_demotions(self) -> tuple[int, int]:
-        """(experts copied out to the host tier, experts whose kept copy made it free)."""
-        pairs = [p.host_demotions for p in self.unique_pools()]
-        return sum(c for c, _ in pairs), sum(k for _, k in pairs)
+    def host_demotions(self) -> tuple[int, int, int]:
+        """(experts copied out to the host tier as they left the slots, experts whose kept
+        copy made that free, copies made ahead of an eviction: SlotPool._clean_ahead)."""
+        pools = self.unique_pools()
+        return (sum(p.host_demotions[0] for p in pools), sum(p.host_demotions[1] for p in pools),
+                sum(p.host_stashed for p in pools))
 
     async def aclose(self) -> None:
         self.io.close()

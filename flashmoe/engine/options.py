@@ -30,6 +30,7 @@ class EngineOptions:
     cache_policy: str = "lru"
     cache_budget_gb: float | None = None  # None: the minimum, two tokens' worth of slots
     cache_host_budget_gb: float = 0.0  # host-RAM tier behind the slots (0: none)
+    cache_clean_ahead: int = 32  # CUDA copies + lru tier: victims copied out ahead (0: off)
     prefetch: bool = False  # speculative read of the next layer's likely experts
     device: str = "cpu"
     dtype: str | None = None  # activations; None keeps the checkpoint's dtype (mlx-lm parity)
@@ -55,6 +56,9 @@ class EngineOptions:
         if self.cache_host_budget_gb < 0:
             raise OptionError("cache_host_budget_gb", self.cache_host_budget_gb,
                               "must be at least 0")
+        if not (isinstance(self.cache_clean_ahead, int) and self.cache_clean_ahead >= 0):
+            raise OptionError("cache_clean_ahead", self.cache_clean_ahead,
+                              "must be a whole number, at least 0 (0: off)")
 
     @property
     def mx_dtype(self) -> mx.Dtype | None:

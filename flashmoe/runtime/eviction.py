@@ -41,6 +41,10 @@ class Eviction:
         elif self.lfu:
             _push(self._rare, (uses, self._stamp[s], s), self.n)
 
+    def oldest(self):
+        """Slots from the least recently granted on (lru's eviction order, pinned included)."""
+        return iter(self._recency)
+
     def victim(self, pins: list[int], owner: list) -> int:
         """The slot a miss overwrites; the caller guarantees one is unpinned."""
         s = self._pop_valid(self._empty, pins, owner, empty=True)

@@ -7,7 +7,9 @@ their capacities add. But a promoted expert's row is not emptied: it is *kept* a
 until a demotion needs the room (kept rows go before any demoted one), so when that expert
 leaves the slots again, as the two-tier cache's churn makes it do, its demotion is free: no
 copy out, no wait for one before its slot is refilled (an expert's bytes are its file's: they
-never change). Least recently demoted goes first when full. On CUDA builds the rows are
+never change). The slot pool also *stashes* copies of the experts next in line for eviction
+(stash(): clean-ahead), so that their demotions are free too. Least recently demoted goes
+first when full. On CUDA builds the rows are
 pinned host memory (cuda_copy.py) when the driver is there; elsewhere plain numpy memory,
 which on Apple silicon only duplicates the page cache (its default there is 0).
 """
@@ -37,7 +39,7 @@ class HostTier:
         self._table: OrderedDict[Key, int] = OrderedDict()  # least recently demoted first
         self._kept: OrderedDict[Key, int] = OrderedDict()  # promoted, copy still here
         self._free = list(range(n - 1, -1, -1))
-        self.hits = self.demoted = self.dropped = self.kept = 0
+        self.hits = self.demoted = self.dropped = self.kept = self.stashed = 0
 
     @property
     def nbytes(self) -> int:
@@ -45,6 +47,14 @@ class HostTier:
 
     def __contains__(self, key: Key) -> bool:
         return key in self._table
+
+    def has_copy(self, key: Key) -> bool:
+        """An expert in the slots whose bytes are also here: its demotion copies nothing."""
+        return key in self._kept
+
+    def spare(self) -> int:
+        """Rows not holding a demoted expert: free, or a kept copy."""
+        return self.n - len(self._table)
 
     def demote(self, key: Key, views: list[np.ndarray], slot: tuple = ()) -> None:
         """Keep a copy of an expert leaving the slots (`views`: its parts' file bytes; `slot`
@@ -58,6 +68,28 @@ class HostTier:
         if key in self._table:  # cannot happen with exclusive tiers; stay correct anyway
             self._free.append(self._table.pop(key))
         row = self._room()
+        self._copy_out(row, views, slot)
+        self._table[key] = row
+        self.demoted += 1
+
+    def stash(self, key: Key, views: list[np.ndarray], slot: tuple = ()) -> bool:
+        """Copy an expert that is still in the slots here ahead of its eviction, as a kept
+        copy (its demotion is then free). Takes a free row or the oldest kept copy, never a
+        demoted expert's; False when there is neither."""
+        if key in self._kept:
+            return True
+        if self._free:
+            row = self._free.pop()
+        elif self._kept:
+            row = self._kept.popitem(last=False)[1]
+        else:
+            return False
+        self._copy_out(row, views, slot)
+        self._kept[key] = row
+        self.stashed += 1
+        return True
+
+    def _copy_out(self, row: int, views: list[np.ndarray], slot: tuple) -> None:
         dst = self._rows[row]
         pairs = [(dst[a:b], v.reshape(-1)) for v, a, b in zip(views, self._cuts, self._cuts[1:])]
         if self._cuda is not None:  # device-to-host on its own stream: no page migration
@@ -65,8 +97,6 @@ class HostTier:
         else:
             for d, s in pairs:
                 d[:] = s
-        self._table[key] = row
-        self.demoted += 1
 
     def _room(self) -> int:
         """A row for a demotion: a free one, else the oldest kept copy (its expert is in the

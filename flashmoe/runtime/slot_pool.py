@@ -6,6 +6,7 @@ reads it has been evaluated; only unpinned slots are ever overwritten.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 
 import mlx.core as mx
 import numpy as np
@@ -93,7 +94,7 @@ class SlotPool:
 
     def __init__(self, spec: LayerExperts, n: int, policy: str = "lru",
                  upcast: bool = False, host: HostTier | None = None,
-                 cuda: CudaCopy | None = None) -> None:
+                 cuda: CudaCopy | None = None, clean_ahead: int = 0) -> None:
         self.n, self.policy = n, policy
         self.store = SlotArrays(spec, n, upcast)
         self.host = host if host is not None and host.n and policy != "none" else None
@@ -111,6 +112,8 @@ class SlotPool:
         self._where: dict[int, np.ndarray] = {}  # layer -> expert -> slot, -1: not on device
         self.changes: dict[int, int] = {}  # layer -> how many times its `where` map changed
         self.hits = self.misses = 0
+        # lru with a host tier: how many of the next victims keep a host copy (_clean_ahead)
+        self.clean_ahead = min(clean_ahead, n // 4) if self.host and policy == "lru" else 0
 
     @property
     def nbytes(self) -> int:
@@ -124,6 +127,11 @@ class SlotPool:
     def host_demotions(self) -> tuple[int, int]:
         """(demotions copied out to the host tier, demotions of a kept copy: none copied)."""
         return (self.host.demoted, self.host.kept) if self.host is not None else (0, 0)
+
+    @property
+    def host_stashed(self) -> int:
+        """Copies out made ahead of an eviction (_clean_ahead)."""
+        return self.host.stashed if self.host is not None else 0
 
     def free_slots(self) -> int:
         return self._free
@@ -176,7 +184,24 @@ class SlotPool:
             self._pins[s] += 1
             self._order.granted(s)
             slots[e] = s
+        if self.clean_ahead:
+            self._clean_ahead()
         return SlotGrant(slots, tuple(misses), tuple(promoted))
+
+    def _clean_ahead(self) -> None:
+        """Copy the experts of the next `clean_ahead` victims (lru order) out to the host tier
+        now, ahead of their eviction: their demotion is then free, and a promotion or read into
+        their slot waits for no copy out. On CUDA the copies run on the device-to-host stream,
+        beside this grant's copies in and the layers' compute; without it, a demotion's copy
+        out is followed by the slot's refill on the critical path. Only while the tier has
+        spare rows for twice the window: fewer, and the stashes would reclaim each other's."""
+        host = self.host
+        if host.spare() < 2 * self.clean_ahead:
+            return
+        for s in islice(self._order.oldest(), self.clean_ahead):
+            key = self._owner[s]
+            if key is not None and self._pins[s] == 0 and not host.has_copy(key):
+                host.stash(key, self.store.views(s), self.copy_key(s))
 
     def touch(self, layer: int, experts: list[int]) -> None:
         """Cached experts that a step used without a grant (the whole-token step, between

@@ -60,6 +60,7 @@ def engine_options(cfg: DictConfig, prompt_text: str | None = None,
         cache_policy=cfg.cache.policy,
         prefetch=cfg.cache.prefetch,
         cache_budget_gb=cfg.cache.budget_gb, cache_host_budget_gb=cfg.cache.host_budget_gb,
+        cache_clean_ahead=cfg.cache.clean_ahead,
         device=cfg.hardware.device,
         dtype=dtype, **extra)
 
@@ -118,7 +119,8 @@ def run_summary(cfg: DictConfig, engine: Engine | None, totals: Totals | None,
             total = hits + misses + host
             out["host_hit_rate"] = round(host / total, 4) if total else 0.0
             out["device_hit_rate"] = round(hits / total, 4) if total else 0.0
-            out["host_demotions_copied"], out["host_demotions_kept"] = engine.host_demotions()
+            (out["host_demotions_copied"], out["host_demotions_kept"],
+             out["host_stashed"]) = engine.host_demotions()
         out["model_path"] = str(engine.path)
         out["model_type"] = engine.config.get("model_type")
         out["slot_gb"] = round(engine.slot_bytes / 1e9, 3)
