@@ -76,6 +76,27 @@ async def test_hits_and_misses_in_one_token_are_exact(tiny, reference):
     assert_exact(reference(path, PROMPT, STEPS), got)
 
 
+@pytest.mark.parametrize("dtype", [None, "float32"])
+async def test_experts_in_the_host_tier_are_copied_in_by_the_job_exactly(tiny, reference, dtype):
+    """Two tiers: 24 slots for 4 layers of 16 experts, every other expert in the host tier
+    once warm. A layer whose missing experts are all in the tier reads nothing, so the job
+    promotes them itself: no layer goes to the stages, and the bits are mlx-lm's (float32
+    activations over bf16 scales: slots widened from the promoted bytes, as one tier
+    holding every expert gives them)."""
+    path = tiny("qwen3_5_moe", dtype=mx.bfloat16)
+    got, steps, _ = await warm_then_trace(path, cache_budget_gb=budget_for(path, 24),
+                                          cache_host_budget_gb=1.0, dtype=dtype)
+    assert all(s.experts_fetched == 0 for s in steps)
+    assert sum(s.extra.get("experts_host_hit", 0) for s in steps) > 0
+    assert not any(s.extra.get("staged_layers") for s in steps)
+    if dtype is None:
+        assert_exact(reference(path, PROMPT, STEPS), got)
+    else:
+        want, _, _ = await warm_then_trace(path, cache_budget_gb=budget_for(path, 64),
+                                           dtype=dtype)
+        assert_exact(want, got)
+
+
 @pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_moe"])
 async def test_a_whole_token_try_that_missed_rolls_back_exactly(tiny, reference, family):
     """The cache emptied every 3rd token: the next token's one-graph try routes to uncached

@@ -148,6 +148,17 @@ class SlotPool:
     def cached(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._table
 
+    def servable(self, layer: int, experts) -> bool:
+        """Whether a grant of `experts` needs no read: each is in a slot or in the host tier,
+        and the tier has spare rows for every demotion the grant may make (none of those
+        experts is then dropped from it before its promotion)."""
+        away = [e for e in experts if (layer, e) not in self._table]
+        if not away:
+            return True
+        host = self.host
+        return (host is not None and host.spare() >= len(away)
+                and all((layer, e) in host for e in away))
+
     def where(self, layer: int, num_experts: int) -> np.ndarray:
         """The layer's expert -> slot map (int32, -1 where the expert is not in a slot), kept
         up to date in O(1) per change from its first call on; callers must not write it.
