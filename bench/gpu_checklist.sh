@@ -30,8 +30,11 @@ tiny)  # tiny fixtures of all five families, every cache policy; batched decode 
   run timeout 560 python3 -m pytest -p no:cacheprovider -rA --durations=5 \
     tests/test_gpu_parity.py -k tiny tests/test_batch.py | tee "$OUT/tiny.log" ;;
 build)
-  [ -f $S/config.json ] || run timeout 300 python3 -c "from flashmoe.synth.shaped import build_shaped; \
-build_shaped('$S', layers=13, progress=False)" | tee "$OUT/build.log" ;;
+  [ -f $S/config.json ] || { run timeout 300 python3 -c "from flashmoe.synth.shaped import build_shaped; \
+build_shaped('$S', layers=13, progress=False)" | tee "$OUT/build.log"
+    # the first run after a build ran past its limit twice (k10, 2026-12-01), likely while
+    # the 47.6 GB just written were flushed from dirty pages: flush them here
+    sync; } ;;
 scale)  # the issue's own setting: 13 shaped layers, K=4/10 x (LRU 20.8 GiB, none): every
   # prompt logit, 32 greedy tokens and a warm second pass against resident mlx-lm
   FLASHMOE_GPU_SHAPED=$S run timeout 540 python3 -m pytest -p no:cacheprovider -rA \

@@ -126,6 +126,7 @@ def test_load_profile_rejects_auto_and_unknown() -> None:
     ("io.retries=101", "io.retries=101"),
     ("cache.budget_gb=-1", "cache.budget_gb=-1.0"),
     ("cache.budget_gb=99", "hardware.memory_gb=24"),
+    ("cache.clean_ahead=-1", "cache.clean_ahead=-1"),
     ("cache.policy=fifo", "cache.policy=fifo must be one of none, lru, lfu"),
     ("sampling.temperature=-0.1", "sampling.temperature"),
     ("sampling.top_p=0", "sampling.top_p"), ("sampling.top_p=1.5", "sampling.top_p"),

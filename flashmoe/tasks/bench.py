@@ -119,6 +119,7 @@ async def _measured(engine: Engine, prompt: list[int], n: int, cold: bool, log: 
     host = sum(s.extra.get("experts_host_hit", 0) for s in totals.steps[1:])
     if host:  # the host tier's share of all lookups (cache.host_budget_gb)
         rep_figs["host_hit_rate"] = round(host / (hits + fetched + host), 4)
+        rep_figs["device_hit_rate"] = round(hits / (hits + fetched + host), 4)
     log.info("bench_repeat", repeat=rep, **rep_figs)
     return rep_figs, (trace.batches[:skip], trace.batches[skip:]), stream
 

@@ -119,11 +119,12 @@ def run_summary(cfg: DictConfig, engine: Engine | None, totals: Totals | None,
             total = hits + misses + host
             out["host_hit_rate"] = round(host / total, 4) if total else 0.0
             out["device_hit_rate"] = round(hits / total, 4) if total else 0.0
-            (out["host_demotions_copied"], out["host_demotions_kept"],
-             out["host_stashed"]) = engine.host_demotions()
         out["model_path"] = str(engine.path)
         out["model_type"] = engine.config.get("model_type")
         out["slot_gb"] = round(engine.slot_bytes / 1e9, 3)
+    if engine is not None and engine.options.cache_host_budget_gb:  # bench's too (no totals)
+        (out["host_demotions_copied"], out["host_demotions_kept"],
+         out["host_stashed"]) = engine.host_demotions()
     out.update(extra)
     return out
 
