@@ -97,6 +97,33 @@ async def test_experts_in_the_host_tier_are_copied_in_by_the_job_exactly(tiny, r
         assert_exact(want, got)
 
 
+async def test_a_failed_copy_in_inside_the_job_leaves_no_slot_claiming_it(tiny, monkeypatch):
+    """The job's copy in from the host tier fails (a CUDA error at its synchronise): the
+    error reaches the caller, and neither the promoted experts nor the grant's pins stay."""
+    from flashmoe.stages import cached_run
+
+    path = tiny("qwen3_5_moe")
+    engine = await Engine.open(path, EngineOptions(
+        device=os.environ.get("FLASHMOE_TEST_DEVICE", "cpu"),
+        cache_budget_gb=budget_for(path, 24), cache_host_budget_gb=1.0), tokenizer=False)
+    failed = []
+
+    def broken(pool, grant, stats, read):
+        failed.append((pool, grant))
+        raise RuntimeError("cuStreamSynchronize returned CUDA error 700")
+
+    try:
+        _ = [ev async for ev in engine.generate(PROMPT, STEPS)]  # warm: both tiers hold all
+        monkeypatch.setattr(cached_run, "_promoted", broken)
+        with pytest.raises(RuntimeError, match="CUDA error 700"):
+            _ = [ev async for ev in engine.generate(PROMPT, STEPS)]
+    finally:
+        await engine.aclose()
+    (pool, grant), = failed
+    assert grant.promoted and all(pool._owner[s] is None for _, s in grant.promoted)
+    assert pool.free_slots() == pool.n  # every pin released
+
+
 @pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_moe"])
 async def test_a_whole_token_try_that_missed_rolls_back_exactly(tiny, reference, family):
     """The cache emptied every 3rd token: the next token's one-graph try routes to uncached

@@ -59,11 +59,15 @@ class CachedRun:
                     mx.async_eval(routed.shared)
                 return i, x_fn, (att, routed, block)
             grant = pool.grant(i, list(routed.experts))
-            assert not grant.misses, "servable() promised every expert from a tier"
-            x = p.compute.whole(att, routed, Fetched(i, grant, 0, 0.0),
-                                block.switch_mlp.activation)()
-            if grant.promoted:
-                _promoted(pool, grant, stats, step.read_experts)
+            try:
+                assert not grant.misses, "servable() promised every expert from a tier"
+                x = p.compute.whole(att, routed, Fetched(i, grant, 0, 0.0),
+                                    block.switch_mlp.activation)()
+                if grant.promoted:
+                    _promoted(pool, grant, stats, step.read_experts)
+            except BaseException:  # a failed copy in: no slot stays marked as holding it
+                pool.release(grant, valid=False)
+                raise
             stats.experts_hit += len(grant.slots) - len(grant.promoted)
             mx.async_eval(x)  # the experts compute while the next layer's graph is built
             x_fn = partial(_given, x)
