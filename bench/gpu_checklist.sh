@@ -101,6 +101,16 @@ task.check=mlx_lm task.tokens=32 task.repeats=2 cache.budget_gb=26 cache.host_bu
     hydra.run.dir=$R/k10_prefetch | tail -1
   python3 bench/jsonl_digest.py $R/k10_ahead $R/k10_noahead $R/k10_ahead2 $R/k10_prefetch \
     | tee "$OUT/k10.log" ;;
+k10now)  # K=10 two tiers (13/60 of a box): where a layer's time goes (host_overhead.py: the
+  # same tiers, nothing read from disk), then the bench run, token-checked against mlx-lm
+  # (the first run after a build has run past 240 s twice: timestamps show where)
+  run timeout 200 python3 bench/host_overhead.py --tokens 32 --repeats 2 --no-baseline \
+    --profile 25 hardware=h200 model.path=$S model.experts_per_token=10 cache.budget_gb=26 \
+    cache.host_budget_gb=19.5 | grep -v '^{' | tee "$OUT/k10now.log"
+  R=/root/runs; C="task=bench hardware=h200 model.path=$S model.experts_per_token=10 \
+task.check=mlx_lm task.tokens=32 task.repeats=2 cache.budget_gb=26 cache.host_budget_gb=19.5"
+  date; run timeout $(left) python3 -m flashmoe $C hydra.run.dir=$R/k10_now | tail -1; date
+  python3 bench/jsonl_digest.py $R/k10_now | tee -a "$OUT/k10now.log" ;;
 both)  # scale and tiny side by side (correctness only: nothing here is timed)
   CUDA_VISIBLE_DEVICES=${GPU_B:-0} bash "$0" tiny > "$OUT/tiny.out" 2>&1 &
   bash "$0" scale; wait; tail -15 "$OUT/tiny.out" ;;
@@ -142,6 +152,6 @@ task.repeats=1"
 import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())" -n 2 --backend nccl -- \
     python3 -m flashmoe $C cache.budget_gb=5 dist.backend=nccl hydra.run.dir="$OUT/r2_B" \
     | tee -a "$OUT/nccl.log" ;;
-*) echo "usage: $0 exact|dims|tiny|build|scale|both|speed|overhead|batch|nccl|second|evals|graphs|threads|final|k10 ..." >&2; exit 2 ;;
+*) echo "usage: $0 exact|dims|tiny|build|scale|both|speed|overhead|batch|nccl|second|evals|graphs|threads|final|k10|k10now ..." >&2; exit 2 ;;
 esac
 done

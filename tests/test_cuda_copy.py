@@ -74,7 +74,7 @@ def test_pinned_copies_land_in_the_slot_and_come_back():
     view = np.frombuffer(memoryview(slots).cast("B"), dtype=np.uint8).reshape(4, -1)
     pinned = copy.host_alloc(1 << 20)
     pinned[:] = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)
-    copy.to_device(view[2], pinned)
+    copy.up([(cuda_copy.address(view[2]), cuda_copy.address(pinned), pinned.nbytes)])
     copy.synchronize()
     assert np.array_equal(np.array(slots[2]), pinned)
     assert int(mx.sum(slots[2].astype(mx.uint32)).item()) == int(pinned.astype(np.uint64).sum())
@@ -86,10 +86,10 @@ def test_pinned_copies_land_in_the_slot_and_come_back():
     # the new ones
     row, new = copy.host_alloc(1 << 20), copy.host_alloc(1 << 20)
     new[:] = 255 - pinned
-    copy.to_host_async(row, view[2])
+    copy.down([(cuda_copy.address(row), cuda_copy.address(view[2]), row.nbytes)])
     copy.mark([("drain", 2)], down=True)
     copy.wait([("drain", 2)], down=False)
-    copy.to_device(view[2], new)
+    copy.up([(cuda_copy.address(view[2]), cuda_copy.address(new), new.nbytes)])
     copy.synchronize(down=False)
     assert np.array_equal(np.array(slots[2]), new)
     copy.synchronize()

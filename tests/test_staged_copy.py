@@ -4,6 +4,8 @@ row reused while its copy is pending, or a demotion not ordered before the slot'
 (or a promotion before its row's demotion) gives wrong bytes and the parity check fails."""
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -33,11 +35,13 @@ class DeferredCopy:
     def host_alloc(self, nbytes: int) -> np.ndarray:
         return np.full(max(nbytes, 1), 0xAB, dtype=np.uint8)[:nbytes]  # junk until written
 
-    def to_device(self, dst: np.ndarray, src: np.ndarray) -> None:
-        self._copy("up", dst, src)
+    def up(self, copies) -> None:
+        for c in copies:
+            self._copy("up", *c)
 
-    def to_host_async(self, dst: np.ndarray, src: np.ndarray) -> None:
-        self._copy("down", dst, src)
+    def down(self, copies) -> None:
+        for c in copies:
+            self._copy("down", *c)
 
     def to_host(self, dst: np.ndarray, src: np.ndarray) -> None:
         dst[...] = src
@@ -68,9 +72,10 @@ class DeferredCopy:
     def close(self) -> None:
         self.synchronize()
 
-    def _copy(self, stream: str, dst: np.ndarray, src: np.ndarray) -> None:
-        assert dst.nbytes == src.nbytes
-        self.q[stream].append(("copy", dst, src.copy() if self.eager else src))
+    def _copy(self, stream: str, dst: int, src: int, n: int) -> None:
+        """Addresses, as the real driver gets them: host memory here (the CPU backend's)."""
+        assert isinstance(dst, int) and isinstance(src, int) and n > 0
+        self.q[stream].append(("copy", dst, ctypes.string_at(src, n) if self.eager else src, n))
         self.copies += 1
 
     def _runs(self, name: str) -> bool:
@@ -80,9 +85,14 @@ class DeferredCopy:
     def _step(self, name: str) -> None:
         op = self.q[name].pop(0)
         if op[0] == "copy":
-            op[1].reshape(-1)[:] = op[2].reshape(-1)
+            ctypes.memmove(op[1], op[2], op[3])
         elif op[0] == "mark":
             self.done.add(op[1])
+
+
+def _at(view: np.ndarray) -> list[tuple[int, int]]:
+    """A slot's one part as the CUDA copy path names it: (address, bytes)."""
+    return [(view.ctypes.data, view.nbytes)]
 
 
 @pytest.mark.parametrize("host_gb, eager, prefer", [(0.0, False, "up"), (1.0, False, "up"),
@@ -131,8 +141,8 @@ def test_a_promotion_waits_for_its_rows_demotion():
     tier = HostTier([8], 2, alloc=fake.host_alloc, cuda=fake)
     slots = np.zeros((2, 8), np.uint8)
     slots[0] = 7  # expert (0, 3) sits in slot 0
-    tier.demote((0, 3), [slots[0]], slot=("pool", 0))
-    tier.promote((0, 3), [slots[1]], slot=("pool", 1))  # slot 1 held nothing: no drain
+    tier.demote((0, 3), _at(slots[0]), slot=("pool", 0))
+    tier.promote((0, 3), _at(slots[1]), slot=("pool", 1))  # slot 1 held nothing: no drain
     fake.synchronize(down=False)  # what an evaluation waits for
     assert (slots[1] == 7).all()
 
@@ -146,14 +156,14 @@ def test_a_kept_row_taken_for_a_demotion_waits_for_the_promotion_reading_it():
     tier = HostTier([8], 1, alloc=fake.host_alloc, cuda=fake)
     slots = np.zeros((3, 8), np.uint8)
     slots[0], slots[2] = 7, 9  # experts (0, 1) in slot 0 and (0, 2) in slot 2
-    tier.demote((0, 1), [slots[0]], slot=("pool", 0))
-    tier.promote((0, 1), [slots[1]], slot=("pool", 1))  # row 0 kept, its copy pending
-    tier.demote((0, 2), [slots[2]], slot=("pool", 2))  # the one row: taken from the kept copy
+    tier.demote((0, 1), _at(slots[0]), slot=("pool", 0))
+    tier.promote((0, 1), _at(slots[1]), slot=("pool", 1))  # row 0 kept, its copy pending
+    tier.demote((0, 2), _at(slots[2]), slot=("pool", 2))  # the one row: taken from the kept copy
     fake.synchronize(down=False)
     fake.synchronize(down=True)
     assert (slots[1] == 7).all() and tier.kept == 0 and (0, 2) in tier
     out = np.zeros(8, np.uint8)
-    tier.promote((0, 2), [out], slot=("pool", 1))
+    tier.promote((0, 2), _at(out), slot=("pool", 1))
     fake.synchronize(down=False)
     assert (out == 9).all()
 
@@ -168,16 +178,16 @@ def test_a_slot_refilled_after_its_stash_waits_for_the_copy_out():
     tier = HostTier([8], 3, alloc=fake.host_alloc, cuda=fake)
     slots = np.zeros((2, 8), np.uint8)
     slots[1] = 5
-    tier.demote((0, 2), [slots[1]], slot=("pool", 1))  # expert (0, 2) waits in the tier
+    tier.demote((0, 2), _at(slots[1]), slot=("pool", 1))  # expert (0, 2) waits in the tier
     fake.synchronize()  # ... and its copy out has landed: nothing else orders the streams
     slots[0] = 7  # expert (0, 1) in slot 0
-    assert tier.stash((0, 1), [slots[0]], slot=("pool", 0)) and tier.has_copy((0, 1))
-    tier.demote((0, 1), [slots[0]], slot=("pool", 0))  # evicted: free, the stash is its copy
-    tier.promote((0, 2), [slots[0]], slot=("pool", 0))  # slot 0 refilled
+    assert tier.stash((0, 1), _at(slots[0]), slot=("pool", 0)) and tier.has_copy((0, 1))
+    tier.demote((0, 1), _at(slots[0]), slot=("pool", 0))  # evicted: free, the stash is its copy
+    tier.promote((0, 2), _at(slots[0]), slot=("pool", 0))  # slot 0 refilled
     fake.synchronize(down=False)
     fake.synchronize(down=True)
     assert (slots[0] == 5).all() and tier.kept == 1 and tier.demoted == 1
     out = np.zeros(8, np.uint8)
-    tier.promote((0, 1), [out], slot=("pool", 1))
+    tier.promote((0, 1), _at(out), slot=("pool", 1))
     fake.synchronize(down=False)
     assert (out == 7).all()

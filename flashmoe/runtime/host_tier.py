@@ -25,6 +25,8 @@ from flashmoe.runtime.cuda_copy import CudaCopy
 
 Key = tuple[int, int]  # (layer, expert)
 Alloc = Callable[[int], np.ndarray]  # nbytes -> writable 1-D uint8 buffer
+# a slot's parts: numpy views, or (address, bytes) spans when the CUDA copy path moves them
+Parts = list[np.ndarray] | cuda_copy.Spans
 
 
 class HostTier:
@@ -36,6 +38,7 @@ class HostTier:
         self._cuts = np.cumsum([0, *part_bytes]).tolist()
         raw = (alloc or _numpy_alloc)(max(n, 1) * self.row_bytes)
         self._rows = raw[: n * self.row_bytes].reshape(n, self.row_bytes)  # lazily backed
+        self._base = cuda_copy.address(raw)
         self._table: OrderedDict[Key, int] = OrderedDict()  # least recently demoted first
         self._kept: OrderedDict[Key, int] = OrderedDict()  # promoted, copy still here
         self._free = list(range(n - 1, -1, -1))
@@ -56,9 +59,10 @@ class HostTier:
         """Rows not holding a demoted expert: free, or a kept copy."""
         return self.n - len(self._table)
 
-    def demote(self, key: Key, views: list[np.ndarray], slot: tuple = ()) -> None:
-        """Keep a copy of an expert leaving the slots (`views`: its parts' file bytes; `slot`
-        names the slot for the CUDA copy ordering)."""
+    def demote(self, key: Key, views: Parts, slot: tuple = ()) -> None:
+        """Keep a copy of an expert leaving the slots (`views`: its parts' file bytes, as
+        (address, bytes) spans on the CUDA copy path; `slot` names the slot for its
+        ordering)."""
         if self.n == 0:
             return
         if key in self._kept:  # its promotion left the bytes here: nothing to copy
@@ -72,7 +76,7 @@ class HostTier:
         self._table[key] = row
         self.demoted += 1
 
-    def stash(self, key: Key, views: list[np.ndarray], slot: tuple = ()) -> bool:
+    def stash(self, key: Key, views: Parts, slot: tuple = ()) -> bool:
         """Copy an expert that is still in the slots here ahead of its eviction, as a kept
         copy (its demotion is then free). Takes a free row or the oldest kept copy, never a
         demoted expert's; False when there is neither."""
@@ -89,14 +93,20 @@ class HostTier:
         self.stashed += 1
         return True
 
-    def _copy_out(self, row: int, views: list[np.ndarray], slot: tuple) -> None:
+    def _copy_out(self, row: int, views: Parts, slot: tuple) -> None:
+        """`views`: the slot's parts, as (address, bytes) spans on the CUDA copy path (device
+        to host on its own stream: no page migration), numpy views elsewhere."""
+        if self._cuda is not None:
+            cuda_copy.drain(self._cuda, slot, cuda_copy.copies(self._spans(row), views),
+                            (id(self), row))
+            return
         dst = self._rows[row]
-        pairs = [(dst[a:b], v.reshape(-1)) for v, a, b in zip(views, self._cuts, self._cuts[1:])]
-        if self._cuda is not None:  # device-to-host on its own stream: no page migration
-            cuda_copy.drain(self._cuda, slot, pairs, (id(self), row))
-        else:
-            for d, s in pairs:
-                d[:] = s
+        for v, a, b in zip(views, self._cuts, self._cuts[1:]):
+            dst[a:b] = v.reshape(-1)
+
+    def _spans(self, row: int) -> cuda_copy.Spans:
+        at = self._base + row * self.row_bytes
+        return [(at + a, b - a) for a, b in zip(self._cuts, self._cuts[1:])]
 
     def _room(self) -> int:
         """A row for a demotion: a free one, else the oldest kept copy (its expert is in the
@@ -113,20 +123,20 @@ class HostTier:
         (a demotion in between must not overwrite it) until copy_back()."""
         return self._table.pop(key)
 
-    def promote(self, key: Key, views: list[np.ndarray], slot: tuple = ()) -> None:
+    def promote(self, key: Key, views: Parts, slot: tuple = ()) -> None:
         self.copy_back(key, self.take(key), views, slot)
 
-    def copy_back(self, key: Key, row: int, views: list[np.ndarray], slot: tuple = ()) -> None:
+    def copy_back(self, key: Key, row: int, views: Parts, slot: tuple = ()) -> None:
         """Copy `key`'s taken row into its new slot's `views`; the row stays as its kept copy.
         On CUDA the copy is enqueued (after the slot's drain and the row's demotion; a later
         demotion into the row waits for it): synchronise before reading the slot."""
-        src = self._rows[row]
-        pairs = [(v.reshape(-1), src[a:b]) for v, a, b in zip(views, self._cuts, self._cuts[1:])]
         if self._cuda is not None:
-            cuda_copy.fill(self._cuda, slot, pairs, (id(self), row))
+            cuda_copy.fill(self._cuda, slot, cuda_copy.copies(views, self._spans(row)),
+                           (id(self), row))
         else:
-            for d, s in pairs:
-                d[:] = s
+            src = self._rows[row]
+            for v, a, b in zip(views, self._cuts, self._cuts[1:]):
+                v.reshape(-1)[:] = src[a:b]
         self._kept[key] = row
         self.hits += 1
 

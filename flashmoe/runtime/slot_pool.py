@@ -11,7 +11,7 @@ from itertools import islice
 import mlx.core as mx
 import numpy as np
 
-from flashmoe.runtime.cuda_copy import CudaCopy
+from flashmoe.runtime.cuda_copy import CudaCopy, Spans, address
 from flashmoe.runtime.eviction import Eviction
 from flashmoe.runtime.expert_store import LayerExperts
 from flashmoe.runtime.host_tier import HostTier
@@ -66,6 +66,12 @@ class SlotArrays:
         self._staging = [_resident((n, p.nbytes)) if c else None
                          for p, c in zip(spec.parts, self._convert)]
         self.upcasts = any(c is not None for c in self._convert)
+        self._spans = [(address(b), b.strides[0], b.shape[1]) for b in self._bytes]
+
+    def spans(self, slot: int) -> Spans:
+        """(address, bytes) of each part's slot memory: the CUDA copy path's ends (which
+        never runs with upcast parts: those are widened on the host)."""
+        return [(a + slot * stride, n) for a, stride, n in self._spans]
 
     def views(self, slot: int) -> list[np.ndarray]:
         """Where each part's file bytes should land for `slot`."""
@@ -212,7 +218,7 @@ class SlotPool:
         for s in islice(self._order.oldest(), self.clean_ahead):
             key = self._owner[s]
             if key is not None and self._pins[s] == 0 and not host.has_copy(key):
-                host.stash(key, self.store.views(s), self.copy_key(s))
+                host.stash(key, self._parts(s), self.copy_key(s))
 
     def touch(self, layer: int, experts: list[int]) -> None:
         """Cached experts that a step used without a grant (the whole-token step, between
@@ -248,12 +254,17 @@ class SlotPool:
         row = host.take(key) if host is not None and key in host else None
         slot = self.copy_key(s)
         if host is not None and old is not None:  # after take: a full tier drops another
-            host.demote(old, self.store.views(s), slot)
+            host.demote(old, self._parts(s), slot)
         self._assign(s, key)
         if row is not None:
-            host.copy_back(key, row, self.store.views(s), slot)
+            host.copy_back(key, row, self._parts(s), slot)
             return True
         return False
+
+    def _parts(self, s: int) -> list[np.ndarray] | Spans:
+        """Slot s's parts as the host tier copies them: addresses on the CUDA copy path,
+        numpy views elsewhere."""
+        return self.store.spans(s) if self.cuda is not None else self.store.views(s)
 
     def copy_key(self, s: int) -> tuple[int, int]:
         """Slot s as the CUDA copy path names it (copies are ordered by slot and host row)."""

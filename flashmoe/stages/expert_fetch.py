@@ -142,7 +142,7 @@ class ExpertFetchStage:
                         jobs: list[ReadJob]) -> int:
         got, _ = await self.io.read(jobs)
         cuda_copy.fill(pool.cuda, pool.copy_key(slot),
-                       list(zip(pool.store.views(slot), staging.views(row))))
+                       cuda_copy.copies(pool.store.spans(slot), staging.spans(row)))
         return got
 
     def _take_bounce(self, pool: SlotPool, layer: int, rows: int) -> DirectBounce:
