@@ -111,6 +111,17 @@ k10now)  # K=10 two tiers (13/60 of a box): where a layer's time goes (host_over
 task.check=mlx_lm task.tokens=32 task.repeats=2 cache.budget_gb=26 cache.host_budget_gb=19.5"
   date; run timeout $(left) python3 -m flashmoe $C hydra.run.dir=$R/k10_now | tail -1; date
   python3 bench/jsonl_digest.py $R/k10_now | tee -a "$OUT/k10now.log" ;;
+tiers_k4)  # one fresh machine's device time: K=10 two tiers (13/60 of a box), token-checked,
+  # with a generous limit (a fresh machine's first flashmoe process has run past 200-240 s
+  # three times: MLX-CUDA compiling its kernels, it seems), then K=4 every expert cached
+  # beside resident mlx-lm. Digests in $OUT/tiers_k4.log
+  R=/root/runs; C="task=bench hardware=h200 model.path=$S task.check=mlx_lm task.tokens=32 \
+task.repeats=2"
+  date; run timeout 330 python3 -m flashmoe $C model.experts_per_token=10 cache.budget_gb=26 \
+    cache.host_budget_gb=19.5 hydra.run.dir=$R/k10 | tail -1; date
+  run timeout $(left) python3 -m flashmoe $C model.experts_per_token=4 cache.budget_gb=20.8 \
+    task.baseline=mlx_lm hydra.run.dir=$R/k4_cached | tail -1; date
+  python3 bench/jsonl_digest.py $R/k10 $R/k4_cached | tee "$OUT/tiers_k4.log" ;;
 both)  # scale and tiny side by side (correctness only: nothing here is timed)
   CUDA_VISIBLE_DEVICES=${GPU_B:-0} bash "$0" tiny > "$OUT/tiny.out" 2>&1 &
   bash "$0" scale; wait; tail -15 "$OUT/tiny.out" ;;
@@ -152,6 +163,6 @@ task.repeats=1"
 import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())" -n 2 --backend nccl -- \
     python3 -m flashmoe $C cache.budget_gb=5 dist.backend=nccl hydra.run.dir="$OUT/r2_B" \
     | tee -a "$OUT/nccl.log" ;;
-*) echo "usage: $0 exact|dims|tiny|build|scale|both|speed|overhead|batch|nccl|second|evals|graphs|threads|final|k10|k10now ..." >&2; exit 2 ;;
+*) echo "usage: $0 exact|dims|tiny|build|scale|both|speed|overhead|batch|nccl|second|evals|graphs|threads|final|k10|k10now|tiers_k4 ..." >&2; exit 2 ;;
 esac
 done

@@ -191,3 +191,36 @@ def test_a_slot_refilled_after_its_stash_waits_for_the_copy_out():
     tier.promote((0, 1), _at(out), slot=("pool", 1))
     fake.synchronize(down=False)
     assert (out == 7).all()
+
+
+async def test_a_failed_landing_inside_the_cached_job_leaves_no_slot_claiming_it(tiny,
+                                                                                 monkeypatch):
+    """On the CUDA copy path a layer's copies in from the host tier land while the next
+    layer's graph is built (stages/cached_run.py). If that synchronise fails, the error
+    reaches the caller, and neither the promoted experts nor the grant's pins stay."""
+    from flashmoe.engine import Engine, EngineOptions
+    from flashmoe.stages import cached_run
+
+    fake = DeferredCopy()
+    monkeypatch.setattr(model_mod.cuda_copy, "select", lambda device: fake)
+    path = tiny("qwen3_5_moe")
+    engine = await Engine.open(path, EngineOptions(
+        device="cpu", cache_budget_gb=budget_for(path, 24), cache_host_budget_gb=1.0),
+        tokenizer=False)
+    failed = []
+
+    def broken(pool, grant, stats, read):
+        failed.append((pool, grant))
+        raise RuntimeError("cuStreamSynchronize returned CUDA error 700")
+
+    try:
+        _ = [ev async for ev in engine.generate(PROMPT, 16)]  # warm: both tiers hold all
+        monkeypatch.setattr(cached_run, "_promoted", broken)
+        with pytest.raises(RuntimeError, match="CUDA error 700"):
+            _ = [ev async for ev in engine.generate(PROMPT, 16)]
+    finally:
+        await engine.aclose()
+    (pool, grant), = failed
+    assert pool.cuda is fake and grant.promoted
+    assert all(pool._owner[s] is None for _, s in grant.promoted)
+    assert pool.free_slots() == pool.n  # every pin released

@@ -15,6 +15,7 @@ the same shapes: a layer's output is the same bits whichever path ran it.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from functools import partial
 from typing import TYPE_CHECKING, Callable
@@ -26,11 +27,13 @@ import numpy as np
 from flashmoe.stages.messages import Attended, Fetched, Routed, StepStats
 
 if TYPE_CHECKING:
+    from flashmoe.runtime.slot_pool import SlotGrant, SlotPool
     from flashmoe.stages.pipeline import Pipeline, StepState
 
 XFn = Callable[[], mx.array]
 Attend = Callable[[int, nn.Module, XFn], Callable[[], Attended]]
 Miss = tuple[Attended, Routed, nn.Module]  # a layer the stages must fetch for
+Landing = tuple["SlotPool", "SlotGrant"]  # a grant whose CUDA copies in may still run
 
 
 class CachedRun:
@@ -44,6 +47,17 @@ class CachedRun:
                  attend: Attend) -> tuple[int, XFn, Miss | None]:
         """In the MLX thread: (index reached, its input's builder, None) after the last
         layer, or (index, the previous output's builder, the layer's routing) at a miss."""
+        landing: list[Landing] = []  # at most one grant whose CUDA copies in may still run
+        try:
+            return self._run(step, start, x_fn, attend, landing)
+        except BaseException:
+            if landing:  # an error before its evaluation: the copies land, or it is dropped
+                with contextlib.suppress(BaseException):
+                    self._land(landing.pop(), step)
+            raise
+
+    def _run(self, step: StepState, start: int, x_fn: XFn, attend: Attend,
+             landing: list[Landing]) -> tuple[int, XFn, Miss | None]:
         p, stats = self.p, step.stats
         for i in range(start, len(p.layers)):
             layer, block = p.layers[i], self.blocks[i]
@@ -51,7 +65,8 @@ class CachedRun:
             if block is None:
                 x_fn = partial(p._dense, layer, att_fn)
                 continue
-            att, routed = self._route(att_fn, block, stats)
+            held = landing.pop() if landing else None
+            att, routed = self._route(att_fn, block, stats, partial(self._land, held, step))
             p._release_pending(step)  # the routing evaluation consumed the previous slots
             pool = p.fetch.pools[i]
             if len(routed.experts) > pool.free_slots() or not pool.servable(i, routed.experts):
@@ -63,26 +78,33 @@ class CachedRun:
                 assert not grant.misses, "servable() promised every expert from a tier"
                 x = p.compute.whole(att, routed, Fetched(i, grant, 0, 0.0),
                                     block.switch_mlp.activation)()
-                if grant.promoted:
+                if grant.promoted and pool.cuda is not None:
+                    landing.append((pool, grant))  # lands while the next graph is built
+                elif grant.promoted:
                     _promoted(pool, grant, stats, step.read_experts)
             except BaseException:  # a failed copy in: no slot stays marked as holding it
                 pool.release(grant, valid=False)
                 raise
             stats.experts_hit += len(grant.slots) - len(grant.promoted)
-            mx.async_eval(x)  # the experts compute while the next layer's graph is built
+            if not landing:
+                mx.async_eval(x)  # the experts compute while the next layer's graph is built
             x_fn = partial(_given, x)
             step.pending.append((pool, grant))
+        if landing:
+            self._land(landing.pop(), step)  # before the head's evaluation reads the slots
         return len(p.layers), x_fn, None
 
-    def _route(self, att_fn: Callable[[], Attended], block: nn.Module,
-               stats: StepStats) -> tuple[Attended, Routed]:
+    def _route(self, att_fn: Callable[[], Attended], block: nn.Module, stats: StepStats,
+               before_eval: Callable[[], None]) -> tuple[Attended, Routed]:
         """RouterStage's trip, inline: evaluate the previous layer's experts, this layer's
         attention and routing, and read the choice back. The shared expert is built, not
-        started: with every expert cached it evaluates with the routed ones (one launch)."""
+        started: with every expert cached it evaluates with the routed ones (one launch).
+        `before_eval`: the previous layer's copies in land, once this graph is built."""
         fam = self.p.r.family
         t0 = time.perf_counter()
         att = att_fn()
         inds, scores = fam.route(block, att.xn, self.p.k)
+        before_eval()
         mx.eval(inds, scores, att.h, att.xn)
         ids = np.array(inds)
         t1 = time.perf_counter()
@@ -91,6 +113,23 @@ class CachedRun:
         stats.device_trip_ms += (t1 - t0) * 1e3
         stats.route_host_ms += (time.perf_counter() - t1) * 1e3
         return att, Routed(att.layer, ids, scores, experts, shared)
+
+    @staticmethod
+    def _land(landing: Landing | None, step: StepState) -> None:
+        """A layer's copies in from the host tier (CUDA) have landed; the evaluation that
+        reads its slots may start. Its output was not started when it was built: the copies
+        run while the host builds the next layer's attention and routing instead of the host
+        waiting for them (on the H200 at K=10 a layer promotes ~4 experts, 28 MB). If they
+        failed, the grant is dropped: no slot stays marked as holding what did not land."""
+        if landing is None:
+            return
+        pool, grant = landing
+        try:
+            _promoted(pool, grant, step.stats, step.read_experts)
+        except BaseException:
+            step.pending.remove(landing)
+            pool.release(grant, valid=False)
+            raise
 
 
 def _promoted(pool, grant, stats: StepStats, read: bool) -> None:

@@ -103,6 +103,5 @@ class ExpertComputeStage:
 def _slot_ids(inds: np.ndarray, slots: dict[int, int]) -> np.ndarray:
     """Expert ids → slot ids (same shape), via a small lookup table."""
     table = np.zeros(max(slots) + 1, dtype=np.uint32)
-    for e, s in slots.items():
-        table[e] = s
+    table[list(slots)] = list(slots.values())
     return table[inds]
