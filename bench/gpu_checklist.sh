@@ -121,7 +121,10 @@ task.repeats=2"
     cache.host_budget_gb=19.5 hydra.run.dir=$R/k10 | tail -1; date
   run timeout $(left) python3 -m flashmoe $C model.experts_per_token=4 cache.budget_gb=20.8 \
     task.baseline=mlx_lm hydra.run.dir=$R/k4_cached | tail -1; date
-  python3 bench/jsonl_digest.py $R/k10 $R/k4_cached | tee "$OUT/tiers_k4.log" ;;
+  [ "$(left)" -gt 75 ] && run timeout 65 python3 -m flashmoe task=bench hardware=h200 \
+    model.path=$S model.experts_per_token=4 cache=none task.cold=true task.tokens=16 \
+    task.repeats=1 hydra.run.dir=$R/cold | tail -1
+  python3 bench/jsonl_digest.py $R/k10 $R/k4_cached $R/cold | tee "$OUT/tiers_k4.log" ;;
 both)  # scale and tiny side by side (correctness only: nothing here is timed)
   CUDA_VISIBLE_DEVICES=${GPU_B:-0} bash "$0" tiny > "$OUT/tiny.out" 2>&1 &
   bash "$0" scale; wait; tail -15 "$OUT/tiny.out" ;;
