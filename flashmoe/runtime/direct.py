@@ -1,14 +1,15 @@
 """O_DIRECT reads need aligned offsets, sizes and buffers: read each part's aligned superset
-into a page-aligned bounce buffer, then copy the part's bytes into its slot."""
+into a page-aligned bounce buffer, then copy the part's bytes into its slot (in the reading
+thread, as soon as that read is in: the copies overlap the batch's other reads)."""
 from __future__ import annotations
 
 import mmap
+from functools import partial
 
 import numpy as np
 
 from flashmoe.runtime.io_pool import PAGE, ReadJob
 
-Copy = tuple[np.ndarray, np.ndarray]  # (source inside the bounce buffer, destination view)
 
 
 class DirectBounce:
@@ -27,14 +28,15 @@ class DirectBounce:
         self._buf = np.frombuffer(self._mm, dtype=np.uint8)[: n * per_slot].reshape(n, per_slot)
 
     def job(self, fd: int, offset: int, dest: np.ndarray, row: int, part: int,
-            what: str) -> tuple[ReadJob, Copy]:
+            what: str) -> ReadJob:
+        """The aligned read of `dest`'s file bytes into bounce row `row`, copying them into
+        `dest` once read."""
         start = offset // PAGE * PAGE
         end = -(-(offset + dest.nbytes) // PAGE) * PAGE
         region = self._buf[row, self._starts[part]: self._starts[part] + (end - start)]
         src = region[offset - start: offset - start + dest.nbytes]
-        return ReadJob(fd, start, region, what), (src, dest)
+        return ReadJob(fd, start, region, what, then=partial(_copy, src, dest))
 
 
-def copy_all(copies: list[Copy]) -> None:
-    for src, dst in copies:
-        dst[:] = src
+def _copy(src: np.ndarray, dst: np.ndarray) -> None:
+    dst[:] = src  # numpy releases the GIL for the copy: the other readers go on

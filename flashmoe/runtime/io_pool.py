@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -63,6 +63,9 @@ class ReadJob:
     dest: np.ndarray  # 1-D uint8 view into a slot array
     what: str | ReadLabel  # for messages: "layer 3 expert 17 down_proj.weight (file)"
     more: tuple[np.ndarray, ...] = ()  # the file bytes right after dest's, in order
+    # run in the reading thread once every byte of the job is in (an O_DIRECT bounce row's
+    # copy into its slot: it overlaps the other reads of the batch instead of following them)
+    then: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     nbytes: int = field(init=False, repr=False, compare=False)  # bytes to read, all views
 
     def __post_init__(self) -> None:  # asked for several times per read: computed once
@@ -86,6 +89,7 @@ def coalesce(jobs: list[ReadJob], limit: int | None = None) -> list[ReadJob]:
     for job in sorted(jobs, key=lambda j: (j.fd, j.offset)):
         last = out[-1] if out else None
         if (last is not None and last.fd == job.fd and last.offset + last.nbytes == job.offset
+                and last.then is None and job.then is None
                 and (limit is None or last.nbytes + job.nbytes <= limit)):
             out[-1] = ReadJob(last.fd, last.offset, last.dest, last.what,
                               (*last.more, *job.views))
@@ -112,6 +116,25 @@ def split_job(job: ReadJob, n: int) -> list[ReadJob]:
     cuts.append(size)
     views = job.views
     return [_chunk(job, views, a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def _split(job: ReadJob, n: int) -> list[ReadJob]:
+    """split_job, and a job's `then` run once, by whichever thread reads its last chunk."""
+    chunks = split_job(job, n)
+    if job.then is None:
+        return chunks
+    if len(chunks) == 1:  # uncut (a one-chunk cut reads the same range): the job keeps it
+        return [job]
+    left, lock = [len(chunks)], threading.Lock()
+
+    def one_done() -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            job.then()
+
+    return [replace(c, then=one_done) for c in chunks]
 
 
 def _chunk(job: ReadJob, views: list[np.ndarray], a: int, b: int) -> ReadJob:
@@ -151,7 +174,7 @@ class IOPool:
         got = 0
         if sum(j.nbytes for j in jobs) <= self.inline_bytes:
             jobs, got = _read_cached(jobs)
-        chunks = [c for j in jobs for c in split_job(j, self.split)]
+        chunks = [c for j in jobs for c in _split(j, self.split)]
         if chunks:
             n = min(self.threads, len(chunks))
             done = await self._all([chunks[i::n] for i in range(n)])
@@ -190,10 +213,15 @@ class IOPool:
 
     def read_blocking(self, jobs: list[ReadJob]) -> int:
         """Synchronous variant (for tools and the raw-disk probe's reference path)."""
-        return self._run_batch([c for j in jobs for c in split_job(j, self.split)])
+        return self._run_batch([c for j in jobs for c in _split(j, self.split)])
 
     def _run_batch(self, batch: list[ReadJob]) -> int:
-        return sum(self._read_fully(job) for job in batch)
+        n = 0
+        for job in batch:
+            n += self._read_fully(job)
+            if job.then is not None:
+                job.then()
+        return n
 
     def _read_fully(self, job: ReadJob) -> int:
         """Complete short reads; retry transient errors a bounded number of times."""
@@ -246,10 +274,13 @@ def _read_cached(jobs: list[ReadJob]) -> tuple[list[ReadJob], int]:
             n = 0
         if n >= job.nbytes:
             got += job.nbytes
+            if job.then is not None:
+                job.then()
             continue
         if n > 0:
             views = _advance(job.views, n)
-            job = ReadJob(job.fd, job.offset + n, views[0], job.what, tuple(views[1:]))
+            job = ReadJob(job.fd, job.offset + n, views[0], job.what, tuple(views[1:]),
+                          job.then)
             got += n
         left.append(job)
     return left, got

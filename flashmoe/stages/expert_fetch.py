@@ -6,7 +6,7 @@ import time
 
 from flashmoe.stages.observer import ReadObserver
 from flashmoe.errors import ExpertReadError
-from flashmoe.runtime.direct import Copy, DirectBounce, copy_all
+from flashmoe.runtime.direct import DirectBounce
 from flashmoe.runtime.expert_store import ExpertStore
 from flashmoe.runtime import cuda_copy
 from flashmoe.runtime.cuda_copy import PinnedStaging
@@ -49,18 +49,16 @@ class ExpertFetchStage:
         direct = (self.store.direct and pool.cuda is None
                   and self.store.layers[layer].expert_nbytes >= DIRECT_MIN_BYTES)
         bounce = self._take_bounce(pool, layer, len(grant.misses)) if direct else None
-        jobs, copies = self._jobs(layer, pool, grant, bounce) if pool.cuda is None else ([], [])
+        jobs = self._jobs(layer, pool, grant, bounce) if pool.cuda is None else []
         if observer is not None and jobs:
             observer.expert_reads(layer, [(j.fd, j.offset, j.nbytes) for j in jobs])
         try:
             if pool.cuda is not None and read:
                 nbytes, ms = await self._read_staged(layer, pool, grant, observer)
             else:
+                # io.direct: each bounce row is copied into its slot by the thread that read
+                # it, as soon as it is in (part of the fetch's time)
                 nbytes, ms = await self.io.read(jobs if read else [])
-            if copies and read:  # io.direct: out of the bounce rows, part of the fetch's time
-                t0 = time.perf_counter()
-                await asyncio.to_thread(copy_all, copies)
-                ms += (time.perf_counter() - t0) * 1e3
             if self.verify and read:
                 self._check(layer, pool, grant)
         except BaseException:  # a cancelled fetch's reads may still land: its bounce is dropped
@@ -81,23 +79,21 @@ class ExpertFetchStage:
         return Fetched(layer, grant, nbytes, ms)
 
     def _jobs(self, layer: int, pool: SlotPool, grant: SlotGrant,
-              bounce: DirectBounce | None) -> tuple[list[ReadJob], list[Copy]]:
-        jobs, plain, copies = [], [], []
+              bounce: DirectBounce | None) -> list[ReadJob]:
+        jobs, plain = [], []
         parts = self.store.layers[layer].parts
         for row, (e, s) in enumerate(grant.misses):
             for i, (part, rng, view) in enumerate(zip(parts, self.store.ranges(layer, e),
                                                       pool.store.views(s))):
                 what = ReadLabel(layer, e, part.key, self.store.names[rng.file_id])
                 if bounce is not None and _aligned_end(rng) <= self.store.sizes[rng.file_id]:
-                    job, cp = bounce.job(self.store.direct_fds[rng.file_id], rng.offset, view,
-                                         row, i, what)
-                    jobs.append(job)
-                    copies.append(cp)
+                    jobs.append(bounce.job(self.store.direct_fds[rng.file_id], rng.offset, view,
+                                           row, i, what))
                 else:
                     plain.append(ReadJob(self.store.fds[rng.file_id], rng.offset, view, what))
         # not coalesced here: read sizes and counts stay the ones io.split was tuned on (the
         # CUDA staged path coalesces, its staging row being contiguous)
-        return jobs + plain, copies
+        return jobs + plain
 
     async def _read_staged(self, layer: int, pool: SlotPool, grant: SlotGrant,
                            observer: ReadObserver | None) -> tuple[int, float]:
