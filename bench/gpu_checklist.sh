@@ -8,6 +8,8 @@
 #   bench/h200.sh all bash bench/gpu_checklist.sh overhead  # issue 12: host ms per layer
 #   bench/h200.sh all bash bench/gpu_checklist.sh batch     # issue 11: task.concurrency
 #   bench/h200.sh all bash bench/gpu_checklist.sh nccl      # issue 13, on nvidia-h200-x2
+# Session 7 changed the CUDA copy interface (integer addresses) and ran it only through the
+# token-checked K=10 bench: the next device session runs `exact` first.
 # Serve needs starlette, uvicorn and sse-starlette among the carried wheels (.whl/).
 # Every stage writes its log under $OUT (the device tool brings it back).
 set -uo pipefail

@@ -9,7 +9,6 @@ import threading
 import numpy as np
 import pytest
 
-from flashmoe.runtime import io_pool
 from flashmoe.runtime.direct import DirectBounce
 from flashmoe.runtime.io_pool import PAGE, IOPool, ReadJob, coalesce
 
@@ -44,7 +43,7 @@ async def test_then_runs_once_after_every_chunk_is_in(blob, split, inline):
         await pool.read([j for j, _ in watches])
     finally:
         pool.close()
-    for (job, seen), off in zip(watches, (0, 2 * SIZE + 100)):
+    for (_, seen), off in zip(watches, (0, 2 * SIZE + 100)):
         assert len(seen) == 1, "then must run exactly once"
         assert np.array_equal(seen[0][0], data[off: off + SIZE]), "ran before the last chunk"
 
