@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.fixtures.tiny import build_tiny
@@ -77,3 +79,17 @@ def error_lines(stderr: str) -> list[str]:
     """stderr lines after the start line that every run printing past validation begins with."""
     lines = stderr.strip().splitlines()
     return lines[1:] if lines and lines[0].startswith(START_LINE) else lines
+
+
+BLOB_BYTES = 4 * 64 * 4096
+
+
+@pytest.fixture
+def blob(tmp_path):
+    """(read-only fd, its bytes): a file of BLOB_BYTES random bytes, for the read-path tests."""
+    data = np.random.default_rng(0).integers(0, 256, BLOB_BYTES, dtype=np.uint8)
+    f = tmp_path / "blob"
+    f.write_bytes(data.tobytes())
+    fd = os.open(f, os.O_RDONLY)
+    yield fd, data
+    os.close(fd)

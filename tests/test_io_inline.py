@@ -13,17 +13,7 @@ from flashmoe.runtime import io_pool
 from flashmoe.runtime.io_pool import IOPool, ReadJob
 
 pytestmark = pytest.mark.skipif(not io_pool.NOWAIT, reason="no RWF_NOWAIT on this platform")
-SIZE = 64 * 4096
-
-
-@pytest.fixture
-def blob(tmp_path):
-    data = np.random.default_rng(0).integers(0, 256, 4 * SIZE, dtype=np.uint8)
-    f = tmp_path / "blob"
-    f.write_bytes(data.tobytes())
-    fd = os.open(f, os.O_RDONLY)
-    yield fd, data
-    os.close(fd)
+SIZE = 64 * 4096  # the `blob` fixture (conftest) holds 4 of these
 
 
 def jobs_for(fd: int, ranges: list[tuple[int, int]]) -> list[ReadJob]:

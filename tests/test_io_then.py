@@ -12,17 +12,7 @@ import pytest
 from flashmoe.runtime.direct import DirectBounce
 from flashmoe.runtime.io_pool import PAGE, IOPool, ReadJob, coalesce
 
-SIZE = 64 * 4096
-
-
-@pytest.fixture
-def blob(tmp_path):
-    data = np.random.default_rng(1).integers(0, 256, 4 * SIZE, dtype=np.uint8)
-    f = tmp_path / "blob"
-    f.write_bytes(data.tobytes())
-    fd = os.open(f, os.O_RDONLY)
-    yield fd, data
-    os.close(fd)
+SIZE = 64 * 4096  # the `blob` fixture (conftest) holds 4 of these
 
 
 def watched(fd: int, off: int, n: int) -> tuple[ReadJob, list]:

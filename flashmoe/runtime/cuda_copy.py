@@ -93,19 +93,18 @@ class CudaCopy:
 
     def up(self, copies: Copies) -> None:
         """Enqueue host-to-device copies (pinned source, slot destination) on `up`."""
-        f, stream = self._cu.cuMemcpyHtoDAsync_v2, self._up
-        for dst, src, n in copies:
-            rc = f(dst, src, n, stream)
-            if rc:
-                self._check("cuMemcpyHtoDAsync_v2", rc)
+        self._enqueue("cuMemcpyHtoDAsync_v2", self._up, copies)
 
     def down(self, copies: Copies) -> None:
         """Enqueue device-to-host copies (slot source, pinned destination) on `down`."""
-        f, stream = self._cu.cuMemcpyDtoHAsync_v2, self._down
+        self._enqueue("cuMemcpyDtoHAsync_v2", self._down, copies)
+
+    def _enqueue(self, name: str, stream, copies: Copies) -> None:
+        f = getattr(self._cu, name)
         for dst, src, n in copies:
             rc = f(dst, src, n, stream)
             if rc:
-                self._check("cuMemcpyDtoHAsync_v2", rc)
+                self._check(name, rc)
 
     def to_host(self, dst: np.ndarray, src: np.ndarray) -> None:
         """Copy slot memory `src` into host `dst` now."""
