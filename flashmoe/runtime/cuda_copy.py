@@ -161,7 +161,16 @@ class CudaCopy:
 
 def copies(dsts: Spans, srcs: Spans) -> Copies:
     """(destination, source, bytes) per part, from two spans lists of equal sizes."""
-    return [(d, s, n) for (d, n), (s, _) in zip(dsts, srcs)]
+    out = [(d, s, n) for (d, n), (s, m) in zip(dsts, srcs) if n == m]
+    assert len(out) == len(dsts) == len(srcs), "a part's two ends differ in size"
+    return out
+
+
+def row_spans(base: int, row_bytes: int, parts: list[tuple[int, int]], row: int) -> Spans:
+    """The spans of `row` in a buffer of rows at `base` whose parts lie back to back
+    (`parts`: (offset in the row, bytes) each): pinned staging rows, host-tier rows."""
+    at = base + row * row_bytes
+    return [(at + a, n) for a, n in parts]
 
 
 def fill(copy: CudaCopy, slot: tuple, pairs: Copies, row: tuple | None = None) -> None:
@@ -197,8 +206,7 @@ class PinnedStaging:
 
     def spans(self, row: int) -> Spans:
         """(address, bytes) of each part in `row`: the sources of its copies to a slot."""
-        at = self._base + row * self._row
-        return [(at + a, n) for a, n in self._cuts]
+        return row_spans(self._base, self._row, self._cuts, row)
 
 
 def select(device: str, loader: Loader = C.CDLL, gpu_is_cuda: bool | None = None

@@ -36,6 +36,7 @@ class HostTier:
                  cuda: CudaCopy | None = None) -> None:
         self.n, self.row_bytes, self._cuda = n, sum(part_bytes), cuda
         self._cuts = np.cumsum([0, *part_bytes]).tolist()
+        self._parts = [(a, b - a) for a, b in zip(self._cuts, self._cuts[1:])]  # (offset, bytes)
         raw = (alloc or _numpy_alloc)(max(n, 1) * self.row_bytes)
         self._rows = raw[: n * self.row_bytes].reshape(n, self.row_bytes)  # lazily backed
         self._base = cuda_copy.address(raw)
@@ -105,8 +106,7 @@ class HostTier:
             dst[a:b] = v.reshape(-1)
 
     def _spans(self, row: int) -> cuda_copy.Spans:
-        at = self._base + row * self.row_bytes
-        return [(at + a, b - a) for a, b in zip(self._cuts, self._cuts[1:])]
+        return cuda_copy.row_spans(self._base, self.row_bytes, self._parts, row)
 
     def _room(self) -> int:
         """A row for a demotion: a free one, else the oldest kept copy (its expert is in the

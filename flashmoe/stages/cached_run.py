@@ -66,7 +66,7 @@ class CachedRun:
                 x_fn = partial(p._dense, layer, att_fn)
                 continue
             held = landing.pop() if landing else None
-            att, routed = self._route(att_fn, block, stats, partial(self._land, held, step))
+            att, routed = self._route(att_fn, block, step, held)
             p._release_pending(step)  # the routing evaluation consumed the previous slots
             pool = p.fetch.pools[i]
             if len(routed.experts) > pool.free_slots() or not pool.servable(i, routed.experts):
@@ -94,17 +94,17 @@ class CachedRun:
             self._land(landing.pop(), step)  # before the head's evaluation reads the slots
         return len(p.layers), x_fn, None
 
-    def _route(self, att_fn: Callable[[], Attended], block: nn.Module, stats: StepStats,
-               before_eval: Callable[[], None]) -> tuple[Attended, Routed]:
+    def _route(self, att_fn: Callable[[], Attended], block: nn.Module, step: StepState,
+               landing: Landing | None) -> tuple[Attended, Routed]:
         """RouterStage's trip, inline: evaluate the previous layer's experts, this layer's
         attention and routing, and read the choice back. The shared expert is built, not
         started: with every expert cached it evaluates with the routed ones (one launch).
-        `before_eval`: the previous layer's copies in land, once this graph is built."""
-        fam = self.p.r.family
+        `landing`: the previous layer's copies in, landed once this graph is built."""
+        fam, stats = self.p.r.family, step.stats
         t0 = time.perf_counter()
         att = att_fn()
         inds, scores = fam.route(block, att.xn, self.p.k)
-        before_eval()
+        self._land(landing, step)
         mx.eval(inds, scores, att.h, att.xn)
         ids = np.array(inds)
         t1 = time.perf_counter()
